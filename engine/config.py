@@ -1,0 +1,56 @@
+"""Engine and model configuration (plain dataclasses: the engine knows nothing of Hydra)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    """Where the model and tokenizer come from and how to load them."""
+
+    model: str = ""
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class EngineConfig:
+    """Scheduling, cache and execution settings.
+
+    The KV cache takes ``gpu_memory_utilization`` of the GPU's memory (minus what is in use
+    after loading the model) on CUDA, ``cpu_kv_cache_gb`` on CPU, unless ``num_blocks`` is set.
+    """
+
+    block_size: int = 16
+    max_batch_tokens: int = 2048
+    max_num_seqs: int = 256
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    mode: str = "auto"
+    cuda_graphs: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.block_size < 1:
+            problems.append(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_batch_tokens < 1:
+            problems.append(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.max_num_seqs < 1:
+            problems.append(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            problems.append(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gb <= 0:
+            problems.append(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
+        if self.mode not in ("auto", "sync", "async"):
+            problems.append(f"mode must be one of auto, sync, async, got {self.mode!r}")
+        if problems:
+            raise ValueError("invalid EngineConfig: " + "; ".join(problems))

@@ -1,0 +1,70 @@
+"""Per-request sampling parameters, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one prompt's completions.
+
+    ``temperature == 0`` means greedy decoding. ``top_k <= 0``, ``top_p == 1`` and ``min_p == 0``
+    disable those filters. Logprobs, when asked, are those of the model's own distribution
+    (log-softmax of the raw logits) for each chosen token.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        problems = []
+        if not isinstance(self.n, int) or self.n < 1:
+            problems.append(f"n must be an integer >= 1, got {self.n!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int):
+            problems.append(f"top_k must be an integer, got {self.top_k!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        elif isinstance(self.max_new_tokens, int) and self.min_new_tokens > self.max_new_tokens:
+            problems.append(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            problems.append(f"stop_token_ids must be >= 0, got {self.stop_token_ids!r}")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,57 @@
+"""Per-step timing records and the run summary built from them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """What one engine step did and how long it took.
+
+    ``gpu_compute_s`` is measured with events on the compute stream on CUDA, and equals the
+    forward + sample wall time on CPU. ``gpu_idle_s`` is the gap between the end of the previous
+    step's compute and the start of this one's.
+    """
+
+    step: int
+    start_time: float
+    cpu_prep_s: float
+    gpu_compute_s: float
+    gpu_idle_s: float
+    num_seqs: int
+    prefill_tokens: int
+    decode_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    mode: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunSummary:
+    """Totals over a run's steps. ``gpu_busy`` = total compute time / wall time."""
+
+    steps: int
+    wall_s: float
+    compute_s: float
+    idle_s: float
+    prefill_tokens: int
+    decode_tokens: int
+
+    @property
+    def gpu_busy(self) -> float:
+        return self.compute_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @classmethod
+    def from_records(cls, records: list[StepRecord], wall_s: float) -> RunSummary:
+        return cls(
+            steps=len(records),
+            wall_s=wall_s,
+            compute_s=sum(r.gpu_compute_s for r in records),
+            idle_s=sum(r.gpu_idle_s for r in records),
+            prefill_tokens=sum(r.prefill_tokens for r in records),
+            decode_tokens=sum(r.decode_tokens for r in records),
+        )
