@@ -1,0 +1,129 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, per-sequence block tables, prefix caching."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+NULL_BLOCK = 0
+"""Block 0 is never handed out: padded slots and padded block-table entries point at it."""
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    tokens: tuple[int, ...] = ()
+
+
+class BlockManager:
+    """Hands out cache blocks and shares full blocks between sequences with the same prefix.
+
+    A full block's hash chains the hash of the block before it with its own tokens, so two
+    sequences share a block only when everything before it matches too. Free blocks keep
+    their hash until they are handed out again, so a prefix outlives the requests that wrote it;
+    the least recently freed block is reused first.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache needs at least 2 blocks, got {num_blocks}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self.cached: dict[int, int] = {}
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return len(self.blocks) - 1
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_usable_blocks - len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks to add so that ``seq`` can hold ``num_tokens`` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self.free)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Append fresh blocks to ``seq`` until it can hold ``num_tokens`` tokens."""
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self._take_free())
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Give a new sequence the cached blocks of its longest cached prefix of full blocks.
+
+        The last prompt token is always recomputed (its logits are needed), so a prompt that
+        is entirely cached keeps its last block out of the match.
+        """
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        max_blocks = (seq.num_known_tokens - 1) // bs
+        prev: int | None = None
+        for i in range(max_blocks):
+            tokens = tuple(seq.known_tokens(i * bs, (i + 1) * bs))
+            h = hash((prev, tokens))
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].tokens != tokens:
+                break
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            prev = h
+        seq.num_hashed_blocks = len(seq.block_table)
+        seq.last_block_hash = prev
+        seq.num_computed_tokens = len(seq.block_table) * bs
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publish the blocks of ``seq`` that are full of known tokens whose KV is (being) computed."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        limit = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
+        while seq.num_hashed_blocks < limit:
+            i = seq.num_hashed_blocks
+            tokens = tuple(seq.known_tokens(i * bs, (i + 1) * bs))
+            h = hash((seq.last_block_hash, tokens))
+            block = self.blocks[seq.block_table[i]]
+            if h not in self.cached and block.hash is None:
+                block.hash, block.tokens = h, tokens
+                self.cached[h] = block.block_id
+            seq.last_block_hash = h
+            seq.num_hashed_blocks += 1
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release every block of ``seq``; shared blocks stay with their other users."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_hashed_blocks = 0
+        seq.last_block_hash = None
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.tokens = None, ()
+        block.ref_count = 1
+        return block_id

@@ -1,0 +1,213 @@
+"""The streaming engine: add requests, step, collect samples as they finish."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig, ModelConfig
+from .detokenizer import Detokenizer, find_stop
+from .kv_cache import CacheSpec, activation_reserve_bytes, allocate_kv_cache, num_blocks_for
+from .model_loader import eos_token_ids, load_model, load_tokenizer, model_shape, resolve_device
+from .model_runner import ModelRunner, prepare_inputs
+from .outputs import CompletionOutput, RequestError
+from .prompts import PromptType, tokenize_prompt
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence, SeqStatus
+from .timing import RunSummary, StepRecord
+
+
+def derive_seed(base: int, key: str, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{base}/{key}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    __slots__ = ("running", "waiting", "kv_blocks_used", "kv_blocks_total")
+
+    def __init__(self, running: int, waiting: int, kv_blocks_used: int, kv_blocks_total: int):
+        self.running, self.waiting = running, waiting
+        self.kv_blocks_used, self.kv_blocks_total = kv_blocks_used, kv_blocks_total
+
+
+class LLMEngine:
+    """Continuous-batching generation over a transformers model with a paged KV cache."""
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        shape = model_shape(model)
+        self.vocab_size, self.max_model_len = shape.vocab_size, shape.max_model_len
+        text_cfg = model.config.get_text_config()
+        spec = CacheSpec(shape.num_layers, shape.num_kv_heads, shape.head_dim, cfg.block_size, model.dtype)
+        reserve = activation_reserve_bytes(
+            shape, text_cfg.hidden_size, getattr(text_cfg, "intermediate_size", 4 * text_cfg.hidden_size), cfg
+        )
+        num_blocks = num_blocks_for(spec, cfg, self.device, reserve)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_num_seqs)
+        self.runner = ModelRunner(model, allocate_kv_cache(spec, num_blocks, self.device))
+        self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.mode = "sync"
+        self._next_seq_id = 0
+        self._unfinished = 0
+        self._step_index = 0
+        self._records: list[StepRecord] = []
+        self._all_records: list[StepRecord] = []
+        self._started_at: float | None = None
+        self._last_compute_end: float | None = None
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig | None = None) -> LLMEngine:
+        """Load the model and tokenizer ``model_cfg`` names, then build the engine."""
+        engine_cfg = engine_cfg or EngineConfig()
+        model = load_model(model_cfg, resolve_device(engine_cfg.device))
+        return cls(model, load_tokenizer(model_cfg), engine_cfg)
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        """Queue ``params.n`` samples of ``prompt``; raises RequestError if it can never be served."""
+        params = params or SamplingParams()
+        ids = tokenize_prompt(prompt, self.tokenizer, self.vocab_size)
+        total = len(ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} = {total} exceeds "
+                f"the model's context length {self.max_model_len}"
+            )
+        blocks = -(-total // self.config.block_size)
+        if blocks > self.block_manager.num_usable_blocks:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} needs {blocks} KV blocks, "
+                f"more than the whole cache ({self.block_manager.num_usable_blocks})"
+            )
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        for i in range(params.n):
+            seed = (derive_seed(params.seed, "", i) if params.seed is not None
+                    else derive_seed(self.config.seed, str(request_id), i))
+            seq = Sequence(self._next_seq_id, str(request_id), i, ids, params, seed, stop_ids)
+            self._next_seq_id += 1
+            self.scheduler.add(seq)
+            self._unfinished += 1
+
+    def has_unfinished_requests(self) -> bool:
+        return self._unfinished > 0
+
+    def num_unfinished(self) -> int:
+        return self._unfinished
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks,
+                           bm.num_usable_blocks)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[CompletionOutput]:
+        """Schedule, run and process one step; returns the samples that finished in it."""
+        start = time.perf_counter()
+        if self._started_at is None:
+            self._started_at = start
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        inputs = prepare_inputs(batch, self.config.block_size).to(self.device)
+        launch = time.perf_counter()
+        tokens, logprobs = self.runner.execute(inputs)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        done = time.perf_counter()
+        finished = self._process(batch, tokens, logprobs)
+        self._record(batch, start, launch, done)
+        return finished
+
+    def _process(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[CompletionOutput]:
+        finished = []
+        rows = (it for it in batch.items if it.sample)
+        for it, token, lp in zip(rows, tokens, logprobs, strict=True):
+            seq = it.seq
+            if seq.is_finished:
+                continue
+            seq.output_token_ids.append(token)
+            if seq.params.logprobs:
+                seq.output_logprobs.append(lp)
+            try:
+                reason = self._stop_reason(seq, token)
+            except Exception as exc:  # one request's failure must not stop the others
+                seq.error = f"{type(exc).__name__}: {exc}"
+                reason = "error"
+            if reason is not None:
+                finished.append(self._finish(seq, reason))
+            else:
+                self.block_manager.register_full_blocks(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        n_out = len(seq.output_token_ids)
+        if token in seq.stop_ids and n_out >= params.min_new_tokens:
+            return "stop"
+        if params.stop and self.detokenizer is not None:
+            new = self.detokenizer.append(seq)
+            if new and n_out >= params.min_new_tokens:
+                cut = find_stop(seq.text, len(new), params.stop)
+                if cut >= 0:
+                    seq.text = seq.text[:cut]
+                    seq.finish_reason = "stop_string"
+                    return "stop"
+        if n_out >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> CompletionOutput:
+        stopped_by_string = seq.finish_reason == "stop_string"
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        self.scheduler.finish(seq)
+        self._unfinished -= 1
+        text = seq.text
+        if not stopped_by_string and self.detokenizer is not None:
+            try:
+                text = self.detokenizer.final_text(seq)
+            except Exception as exc:
+                seq.error, reason = f"{type(exc).__name__}: {exc}", "error"
+        return CompletionOutput(
+            request_id=seq.request_id, index=seq.sample_index, prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids), text=text, finish_reason=reason,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs else None, error=seq.error,
+        )
+
+    # -- timing -----------------------------------------------------------------------------
+    def _record(self, batch: ScheduledBatch, start: float, launch: float, done: float) -> None:
+        idle = 0.0 if self._last_compute_end is None else max(0.0, launch - self._last_compute_end)
+        self._last_compute_end = done
+        record = StepRecord(
+            step=self._step_index, start_time=time.time() - (time.perf_counter() - start),
+            cpu_prep_s=launch - start, gpu_compute_s=done - launch, gpu_idle_s=idle,
+            num_seqs=len(batch.items), prefill_tokens=batch.prefill_tokens, decode_tokens=batch.decode_tokens,
+            kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_usable_blocks,
+            mode=self.mode,
+        )
+        self._step_index += 1
+        self._records.append(record)
+        self._all_records.append(record)
+
+    def pop_step_records(self) -> list[StepRecord]:
+        """Step records since the last call."""
+        records, self._records = self._records, []
+        return records
+
+    def summary(self) -> RunSummary:
+        wall = 0.0 if self._started_at is None else time.perf_counter() - self._started_at
+        return RunSummary.from_records(self._all_records, wall)
+
+    def close(self) -> None:
+        """Free the cache and model references (the GPU memory returns to the allocator)."""
+        self.runner.kv_caches.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,95 @@
+"""Sampling on the device: per-request greedy / temperature / top-k / top-p / min-p with counter-based noise.
+
+The random draw for a token depends only on (request seed, position, vocabulary index): a
+request samples the same tokens alone or in any batch, in sync or async mode, and after a
+restart. Sampling uses the Gumbel-max trick: ``argmax(logits / T + g)`` with Gumbel noise ``g``
+draws from ``softmax(logits / T)`` restricted to the tokens the filters keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling inputs, on the device, one row per sequence that samples this step."""
+
+    temperature: torch.Tensor  # float32 [S]; 0 = greedy
+    top_k: torch.Tensor  # int64 [S]; <= 0 = off
+    top_p: torch.Tensor  # float32 [S]
+    min_p: torch.Tensor  # float32 [S]
+    seed: torch.Tensor  # int64 [S], non-negative, < 2**62
+    position: torch.Tensor  # int64 [S]: index of the token being sampled in its sequence
+    suppress: torch.Tensor  # int64 [S, K]: token ids to forbid (min_new_tokens), -1 = none
+    any_sampling: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values below 2**32."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform draws in (0, 1), shape [S, vocab], a pure function of (seed, position, index)."""
+    lo = seed & _M32
+    hi = (seed >> 32) & _M32
+    key = _mix32(lo ^ _mix32(hi ^ _mix32((position & _M32) ^ 0x5BD1E995)))
+    idx = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)
+    h = _mix32(((idx[None, :] * 0x9E3779B9) & _M32) ^ key[:, None])
+    h = _mix32(h ^ ((key[:, None] * 0x85EBCA6B) & _M32))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, as masks of -inf; returns scaled logits."""
+    temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
+    scaled = logits / temp[:, None]
+    if st.any_top_k_top_p:
+        vocab = scaled.shape[-1]
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        k = torch.where(st.top_k > 0, st.top_k.clamp(max=vocab), torch.full_like(st.top_k, vocab))
+        drop = ranks >= k[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= st.top_p[:, None]
+        drop[:, 0] = False
+        scaled = scaled.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
+    if st.any_min_p:
+        probs = scaled.softmax(dim=-1)
+        threshold = st.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        scaled = scaled.masked_fill(probs < threshold, float("-inf"))
+    return scaled
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors, want_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row; also the model's log-probability of each chosen token."""
+    logits = logits.float()
+    raw = logits
+    if st.suppress.shape[1] > 0:
+        forbid = torch.zeros_like(logits, dtype=torch.bool)
+        forbid.scatter_(1, st.suppress.clamp(min=0), st.suppress >= 0)
+        logits = logits.masked_fill(forbid, float("-inf"))
+    tokens = logits.argmax(dim=-1)
+    if st.any_sampling:
+        scaled = apply_filters(logits, st)
+        gumbel = -torch.log(-torch.log(uniform_noise(st.seed, st.position, logits.shape[-1])))
+        drawn = (scaled + gumbel).argmax(dim=-1)
+        tokens = torch.where(st.temperature > 0, drawn, tokens)
+    if want_logprobs:
+        chosen = raw.gather(1, tokens[:, None]).squeeze(1)
+        logprobs = chosen - torch.logsumexp(raw, dim=-1)
+    else:
+        logprobs = torch.zeros_like(tokens, dtype=torch.float32)
+    return tokens, logprobs

@@ -1,0 +1,158 @@
+"""Continuous-batching scheduler: decodes first, then chunked prefills, under a token budget."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """``num_new_tokens`` tokens of ``seq`` starting at position ``start``; ``sample``: emits a token."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    sample: bool
+
+
+@dataclass
+class ScheduledBatch:
+    """What one step computes, in input order."""
+
+    items: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(it.num_new_tokens for it in self.items)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(it.num_new_tokens for it in self.items if not _is_decode(it))
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(1 for it in self.items if _is_decode(it))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def _is_decode(it: ScheduledSeq) -> bool:
+    return it.num_new_tokens == 1 and it.start >= it.seq.prompt_len
+
+
+class Scheduler:
+    """Chooses each step's sequences and token counts, and preempts when the cache runs out.
+
+    Running sequences go first, oldest first (a decode needs one token, an unfinished prefill
+    its next chunk); then waiting sequences are admitted in arrival order while the token budget,
+    the sequence cap and free blocks allow. When a running sequence cannot get a block, the
+    most recently admitted running sequence is preempted: its blocks are freed and it is
+    recomputed later from its prompt and the tokens it had generated.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_num_seqs: int):
+        self.blocks = block_manager
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._admissions = 0
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_batch_tokens
+        kept: list[Sequence] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if want <= 0:
+                # Every token is in flight already (the async loop runs one step ahead).
+                kept.append(seq)
+                continue
+            n = self._fit(seq, want, preempt_from=queue, batch=batch)
+            if n == 0:
+                self._preempt(seq, batch)
+                continue
+            self._schedule(seq, n, batch)
+            kept.append(seq)
+            budget -= n
+        kept.extend(queue)
+        self.running = kept
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed_tokens + want):
+                if not batch.items and not self.running:
+                    want = self._tokens_that_fit(seq, want)
+                if want == 0 or not self.blocks.can_grow(seq, seq.num_computed_tokens + want):
+                    self.blocks.free_seq(seq)
+                    seq.num_computed_tokens = 0
+                    break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.admitted_at = self._admissions
+            self._admissions += 1
+            self.running.append(seq)
+            self._schedule(seq, want, batch)
+            budget -= want
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+
+    def _fit(self, seq: Sequence, want: int, preempt_from: list[Sequence], batch: ScheduledBatch) -> int:
+        """Tokens of ``seq`` that can be scheduled, preempting the youngest others if needed."""
+        while not self.blocks.can_grow(seq, seq.num_computed_tokens + want):
+            n = self._tokens_that_fit(seq, want)
+            if n > 0:
+                return n
+            if not preempt_from:
+                return 0
+            victim = max(preempt_from, key=lambda s: s.admitted_at)
+            if victim.admitted_at < seq.admitted_at:
+                return 0
+            preempt_from.remove(victim)
+            self._preempt(victim, batch)
+        return want
+
+    def _tokens_that_fit(self, seq: Sequence, want: int) -> int:
+        capacity = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
+        return max(0, min(want, capacity - seq.num_computed_tokens))
+
+    def _schedule(self, seq: Sequence, n: int, batch: ScheduledBatch) -> None:
+        start = seq.num_computed_tokens
+        self.blocks.grow(seq, start + n)
+        seq.num_computed_tokens = start + n
+        self.blocks.register_full_blocks(seq)
+        batch.items.append(ScheduledSeq(seq, start, n, sample=seq.num_computed_tokens == seq.num_tokens))
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.blocks.free_seq(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)

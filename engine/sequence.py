@@ -1,0 +1,82 @@
+"""One sample of one request as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Token state of one sample: the prompt, the tokens generated so far and the KV already computed.
+
+    ``num_computed_tokens`` counts tokens whose KV is in the cache, including those of a step
+    that is scheduled but not finished yet: the scheduler advances it when it schedules a step.
+    ``num_pending_tokens`` counts sampled tokens not yet known on the host (the async loop).
+    """
+
+    seq_id: int
+    request_id: str
+    sample_index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    last_block_hash: int | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    admitted_at: int = -1
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""
+    detok_prefix_offset: int = 0
+    detok_read_offset: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """All tokens of the sequence, those still being sampled included."""
+        return self.prompt_len + self.num_output_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        return self.prompt_len + len(self.output_token_ids)
+
+    def token_at(self, index: int) -> int:
+        if index < self.prompt_len:
+            return self.prompt_token_ids[index]
+        return self.output_token_ids[index - self.prompt_len]
+
+    def known_tokens(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + known output."""
+        p = self.prompt_len
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
