@@ -36,6 +36,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.cached: dict[int, int] = {}
+        self.prefix_hit_blocks = 0
 
     @property
     def num_usable_blocks(self) -> int:
@@ -87,6 +88,7 @@ class BlockManager:
             prev = h
         seq.num_hashed_blocks = len(seq.block_table)
         seq.last_block_hash = prev
+        self.prefix_hit_blocks += len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * bs
 
     def register_full_blocks(self, seq: Sequence) -> None:
