@@ -1,0 +1,46 @@
+"""From a composed Hydra config to a job run and a process exit status."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jobs.config import RunConfig
+from jobs.errors import Interrupted, JobError
+
+log = logging.getLogger(__name__)
+
+JOBS = ("synthetic_data", "distill", "benchmark")
+EXIT_ERROR = 2
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve and instantiate the typed config (the engine's dataclasses validate their values here)."""
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except (ValueError, OmegaConfBaseException) as e:
+        raise JobError(f"invalid config: {e}") from e
+    if run_cfg.job.name not in JOBS:
+        raise JobError(f"job.name: unknown job {run_cfg.job.name!r} (known: {', '.join(JOBS)})")
+    return run_cfg
+
+
+def main(cfg: DictConfig) -> int:
+    """Run the job ``cfg`` selects; return the exit status (0, 2 for an error at start, 128 + signal when interrupted)."""
+    try:
+        run_cfg = to_run_config(cfg)
+        importlib.import_module(f"jobs.{run_cfg.job.name}").run(run_cfg)
+    except Interrupted as e:
+        log.error("%s (%s, exit status %d)", e, e.signal_name, e.exit_code)
+        return e.exit_code
+    except (JobError, NotImplementedError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0

@@ -1,0 +1,150 @@
+"""Structured configs (dataclasses) that validate the Hydra tree under ``conf/``.
+
+The engine's own dataclasses (``EngineConfig``, ``SamplingParams``, ``ModelConfig``) are reused as
+schemas, so a typo or a wrong type in any override is refused by Hydra before anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from engine.config import EngineConfig, ModelConfig
+from engine.sampling_params import SamplingParams
+
+
+class SourceFormat(Enum):
+    """Where rows come from: a ``datasets`` dataset, parquet files, JSONL, or an OpenAI batch file."""
+
+    hf = "hf"
+    parquet = "parquet"
+    jsonl = "jsonl"
+    openai_batch = "openai_batch"
+
+
+@dataclass
+class ModelSettings(ModelConfig):
+    """The engine's ``ModelConfig`` plus a short name (for the run directory) and an optional built-in model.
+
+    With ``builtin`` set (e.g. ``tiny_chat``), the job materialises that model locally and ``model``
+    may stay empty.
+    """
+
+    name: str = MISSING
+    builtin: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """One source of rows and how its columns map to prompts.
+
+    ``path`` is a hub id or local path (``hf``), or a file, directory or glob (the others).
+    ``id_column`` unset means the row index is the id. ``limit`` keeps the first rows of the source
+    (before sharding), for trial runs.
+    """
+
+    name: str = MISSING
+    format: SourceFormat = SourceFormat.hf
+    path: str = MISSING
+    config_name: str | None = None
+    split: str = "train"
+    streaming: bool = True
+    prompt_column: str | None = "prompt"
+    messages_column: str | None = None
+    id_column: str | None = None
+    limit: int | None = None
+    read_batch_rows: int = 1024
+
+
+@dataclass
+class PromptConfig:
+    """How a row becomes a prompt.
+
+    ``template`` (``str.format`` over the row's fields) replaces the prompt column when set. With
+    ``chat_template`` a text prompt becomes a user message (after ``system``, when set) rendered with
+    the tokenizer's chat template; without it the text goes to the model as is. A trailing assistant
+    message in chat input is dropped (it is what the job regenerates) when ``drop_trailing_assistant``.
+    """
+
+    template: str | None = None
+    system: str | None = None
+    chat_template: bool = True
+    drop_trailing_assistant: bool = True
+
+
+@dataclass
+class GenerationJobConfig:
+    """A job that turns each source row into ``sampling.n`` generated rows."""
+
+    name: str = MISSING
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class BenchmarkJobConfig:
+    """Placeholder for the benchmark job (W1/W2 workloads in DESIGN.md)."""
+
+    name: str = "benchmark"
+    workload: str = "W1"
+
+
+@dataclass
+class ShardConfig:
+    """This process handles the source rows with ``row_index % count == index``."""
+
+    index: int = 0
+    count: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """Commit a shard of finished rows every ``rows`` rows or ``seconds`` seconds, whichever comes first."""
+
+    rows: int = 256
+    seconds: float = 60.0
+
+
+@dataclass
+class RunnerConfig:
+    """Feeding the engine: sequences kept in flight (default 2 x engine.max_num_seqs) and the progress bar."""
+
+    max_in_flight: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one option of each group plus where the outputs go."""
+
+    job: Any = MISSING
+    model: ModelSettings = MISSING
+    engine: EngineConfig = MISSING
+    data: DataConfig = MISSING
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    output_root: str = "outputs"
+    models_dir: str = MISSING
+    run_name: str = MISSING
+    run_dir: str = MISSING
+    overwrite: bool = False
+
+
+def path_name(path: str) -> str:
+    """The last component of a path or hub id (``Qwen/Qwen3-0.6B`` -> ``Qwen3-0.6B``), for run names."""
+    return path.rstrip("/").rsplit("/", 1)[-1] or "model"
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (the YAML files under ``conf/`` extend them)."""
+    if not OmegaConf.has_resolver("path_name"):
+        OmegaConf.register_new_resolver("path_name", path_name)
+    cs = ConfigStore.instance()
+    cs.store(name="run_config_schema", node=RunConfig)
+    cs.store(group="job", name="generation_schema", node=GenerationJobConfig)
+    cs.store(group="job", name="benchmark_schema", node=BenchmarkJobConfig)

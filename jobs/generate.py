@@ -1,0 +1,163 @@
+"""A generation job end to end: checks at start, resume, the engine, the run loop, the summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from engine.config import ModelConfig
+from engine.sampling_params import SamplingParams
+from jobs import tiny_model
+from jobs.config import RunConfig
+from jobs.errors import Interrupted, JobError
+from jobs.manifest import config_hash, open_run
+from jobs.progress import Progress, RunStats
+from jobs.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
+from jobs.runner import Runner
+from jobs.signals import StopSignal
+from jobs.sources import SourceRow, open_source, select_rows, selected_count
+from jobs.writer import OutputSink
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[RunConfig], Any]
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """Where this process writes: ``run_dir``, or a per-shard subfolder when the job is split."""
+    base = Path(cfg.run_dir)
+    if cfg.shard.count == 1:
+        return base
+    return base / f"shard-{cfg.shard.index:05d}-of-{cfg.shard.count:05d}"
+
+
+def check_shard(cfg: RunConfig) -> None:
+    """Fail at start on an impossible shard setting."""
+    if cfg.shard.count < 1 or not 0 <= cfg.shard.index < cfg.shard.count:
+        raise JobError(
+            f"shard.index must be in [0, shard.count), got index={cfg.shard.index} count={cfg.shard.count}"
+        )
+
+
+def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
+    """The settings that decide the output rows; a resumed run must match them."""
+    m = cfg.model
+    if m.builtin:
+        model = {"builtin": m.builtin, "key": tiny_model.spec_key(tiny_model.BUILTIN_MODELS[m.builtin])}
+    else:
+        model = {"model": m.model, "tokenizer": m.tokenizer, "revision": m.revision}
+    d = cfg.data
+    return {
+        "job": cfg.job.name,
+        "prompt": dataclasses.asdict(cfg.job.prompt),
+        "sampling": dataclasses.asdict(params),
+        "model": model | {"dtype": m.dtype},
+        "data": {
+            "format": d.format.value,
+            "path": d.path,
+            "config_name": d.config_name,
+            "split": d.split,
+            "prompt_column": d.prompt_column,
+            "messages_column": d.messages_column,
+            "id_column": d.id_column,
+        },
+        "shard": dataclasses.asdict(cfg.shard),
+        "engine_seed": cfg.engine.seed,
+    }
+
+
+def model_config(cfg: RunConfig) -> ModelConfig:
+    """The engine's ModelConfig, with a built-in model materialised under ``models_dir``."""
+    m = cfg.model
+    path = m.model
+    if m.builtin:
+        if m.builtin not in tiny_model.BUILTIN_MODELS:
+            raise JobError(
+                f"model.builtin: unknown built-in model {m.builtin!r} (known: {sorted(tiny_model.BUILTIN_MODELS)})"
+            )
+        path = str(tiny_model.materialise(m.builtin, cfg.models_dir))
+    if not path:
+        raise JobError("model.model is empty: set it to a local checkpoint folder or a hub id")
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    return ModelConfig(**{n: getattr(m, n) for n in names} | {"model": path})
+
+
+def load_engine(cfg: RunConfig) -> Any:
+    """Load the model and build the engine; JobError naming the model if it cannot be loaded."""
+    from engine import LLMEngine
+
+    mcfg = model_config(cfg)
+    try:
+        return LLMEngine.from_config(mcfg, cfg.engine)
+    except Exception as e:
+        raise JobError(
+            f"cannot load model {cfg.model.name!r} from {mcfg.model!r}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def run_generation(
+    cfg: RunConfig, params: SamplingParams | None = None, make_engine: EngineFactory = load_engine
+) -> RunStats:
+    """Generate ``params.n`` rows per source row into ``output_dir(cfg)``, resuming what is committed there."""
+    params = params or cfg.job.sampling
+    check_shard(cfg)
+    columns = input_columns(cfg.job.prompt, cfg.data)
+    source = open_source(cfg.data, columns)
+    check_columns(columns, source.columns(), source.description)
+    out_dir = output_dir(cfg)
+    fp = fingerprint(cfg, params)
+    digest = config_hash(fp)
+    state = open_run(out_dir, cfg.job.name, fp, cfg.overwrite)
+    engine = make_engine(cfg)
+    builder = PromptBuilder(cfg.job.prompt, cfg.data, params, engine.tokenizer)
+    sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds)
+    stats = RunStats()
+    progress = Progress(selected_count(source.num_rows(), cfg.data.limit, cfg.shard), cfg.runner.progress)
+    max_in_flight = cfg.runner.max_in_flight or 2 * cfg.engine.max_num_seqs
+    log.info("%s: writing %s (%d rows already committed)", cfg.job.name, out_dir, state.manifest.rows)
+    start = time.monotonic()
+    rows = select_rows(source, cfg.data.limit, cfg.shard)
+    requests = _requests(rows, builder, state.done_ids, stats, progress)
+    with StopSignal() as stop:
+        try:
+            Runner(
+                engine,
+                requests,
+                sink,
+                digest=digest,
+                max_in_flight=max_in_flight,
+                stop=stop,
+                progress=progress,
+                stats=stats,
+            ).run()
+        finally:
+            progress.close()
+    stats.wall_s = time.monotonic() - start
+    stats.gpu_busy = engine.summary().gpu_busy
+    if stats.complete:
+        state.manifest.complete = True
+        state.manifest.save()
+    log.info("%s: %s", cfg.job.name, stats.summary())
+    if stop.signum is not None:
+        raise Interrupted(
+            stop.signum,
+            f"interrupted: committed {state.manifest.rows} rows to {out_dir}; run the same command again to resume",
+        )
+    return stats
+
+
+def _requests(
+    rows: Iterator[SourceRow], builder: PromptBuilder, done: set[str], stats: RunStats, progress: Progress
+) -> Iterator[RequestSpec]:
+    """Requests for the rows not committed yet (committed ones are counted and skipped)."""
+    for row in rows:
+        row_id = builder.row_id(row)
+        if row_id in done:
+            stats.skipped_rows += 1
+            progress.advance(1)
+            continue
+        yield builder.build(row, row_id)

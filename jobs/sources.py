@@ -1,0 +1,298 @@
+"""Row sources, read as streams: ``datasets`` datasets, parquet files, JSONL and OpenAI batch files.
+
+Every source yields ``SourceRow``s one at a time with their position in the source, knows its
+columns (for checks at start) and, when cheap, its row count. Nothing loads the whole dataset.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from jobs.config import DataConfig, ShardConfig, SourceFormat
+from jobs.errors import JobError
+
+
+@dataclass(slots=True)
+class SourceRow:
+    """One row of the source: its 0-based position, its fields, per-row sampling overrides, or why it is unreadable."""
+
+    index: int
+    data: dict[str, Any]
+    sampling: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Source(Protocol):
+    """A stream of rows with known columns."""
+
+    description: str
+
+    def columns(self) -> list[str] | None:
+        """Column names, or None when the source cannot tell before reading."""
+
+    def num_rows(self) -> int | None:
+        """Row count when known without reading the rows."""
+
+    def __iter__(self) -> Iterator[SourceRow]: ...
+
+
+def open_source(cfg: DataConfig, columns: list[str] | None = None) -> Source:
+    """Open the source ``cfg`` describes (reading only ``columns`` where the format allows); JobError if it cannot."""
+    if cfg.format is SourceFormat.hf:
+        return HFSource(cfg, columns)
+    if cfg.format is SourceFormat.parquet:
+        return ParquetSource(cfg, columns)
+    if cfg.format is SourceFormat.jsonl:
+        return JsonlSource(cfg)
+    return OpenAIBatchSource(cfg)
+
+
+def select_rows(source: Source, limit: int | None, shard: ShardConfig) -> Iterator[SourceRow]:
+    """The rows this process handles: the first ``limit`` of the source, then ``index % count == shard.index``."""
+    for row in source:
+        if limit is not None and row.index >= limit:
+            return
+        if row.index % shard.count == shard.index:
+            yield row
+
+
+def selected_count(total: int | None, limit: int | None, shard: ShardConfig) -> int | None:
+    """How many rows ``select_rows`` yields from a source of ``total`` rows (None if unknown)."""
+    if total is None:
+        return None
+    n = total if limit is None else min(total, limit)
+    return max(0, (n - shard.index + shard.count - 1) // shard.count)
+
+
+def resolve_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Files named by ``path``: a file, a directory (searched for ``suffixes``) or a glob; sorted."""
+    if glob.has_magic(path):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(suffixes))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise JobError(f"data.path: no such file or directory: {path!r}")
+    if not files:
+        raise JobError(f"data.path: no {'/'.join(suffixes)} files match {path!r}")
+    return files
+
+
+class HFSource:
+    """A Hugging Face ``datasets`` dataset: hub id, local dataset folder or ``save_to_disk`` folder."""
+
+    def __init__(self, cfg: DataConfig, columns: list[str] | None) -> None:
+        import datasets
+
+        self.description = f"dataset {cfg.path!r} split {cfg.split!r}"
+        try:
+            if os.path.isfile(os.path.join(cfg.path, "state.json")):
+                ds = datasets.load_from_disk(cfg.path)
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[cfg.split]
+                if cfg.streaming:
+                    ds = ds.to_iterable_dataset()
+            else:
+                ds = datasets.load_dataset(
+                    cfg.path, cfg.config_name, split=cfg.split, streaming=cfg.streaming
+                )
+        except Exception as e:
+            raise JobError(f"cannot open {self.description}: {type(e).__name__}: {e}") from e
+        self._total = self._known_length(ds, cfg.split)
+        self._columns = ds.column_names
+        if columns is not None and self._columns is not None and set(columns) <= set(self._columns):
+            ds = ds.select_columns(columns)
+        self._ds = ds
+
+    @staticmethod
+    def _known_length(ds: Any, split: str) -> int | None:
+        try:
+            return len(ds)
+        except TypeError:
+            splits = ds.info.splits or {}
+            info = splits.get(split)
+            return info.num_examples if info is not None and info.num_examples else None
+
+    def columns(self) -> list[str] | None:
+        """Column names from the dataset's features (None if a streamed dataset does not declare them)."""
+        if self._columns is None:
+            first = next(iter(self._ds), None)
+            self._columns = list(first) if first is not None else []
+        return list(self._columns)
+
+    def num_rows(self) -> int | None:
+        """Row count from the dataset (or its split info when streamed)."""
+        return self._total
+
+    def __iter__(self) -> Iterator[SourceRow]:
+        for i, row in enumerate(self._ds):
+            yield SourceRow(i, row)
+
+
+class ParquetSource:
+    """Parquet files (a file, a folder or a glob), read in record batches of ``read_batch_rows``."""
+
+    def __init__(self, cfg: DataConfig, columns: list[str] | None) -> None:
+        import pyarrow.parquet as pq
+
+        self.description = f"parquet {cfg.path!r}"
+        self._files = resolve_files(cfg.path, (".parquet",))
+        self._batch_rows = cfg.read_batch_rows
+        self._total = 0
+        self._columns: list[str] | None = None
+        for f in self._files:
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except Exception as e:
+                raise JobError(f"cannot read parquet file {f!r}: {type(e).__name__}: {e}") from e
+            names = meta.schema.to_arrow_schema().names
+            self._columns = names if self._columns is None else [c for c in self._columns if c in names]
+            self._total += meta.num_rows
+        wanted = self._columns if columns is None else columns
+        self._read_columns = [c for c in wanted if c in (self._columns or [])]
+
+    def columns(self) -> list[str] | None:
+        """Columns present in every file."""
+        return list(self._columns or [])
+
+    def num_rows(self) -> int | None:
+        """Total rows from the files' metadata."""
+        return self._total
+
+    def __iter__(self) -> Iterator[SourceRow]:
+        import pyarrow.parquet as pq
+
+        index = 0
+        for f in self._files:
+            with pq.ParquetFile(f) as pf:
+                for batch in pf.iter_batches(batch_size=self._batch_rows, columns=self._read_columns):
+                    for row in batch.to_pylist():
+                        yield SourceRow(index, row)
+                        index += 1
+
+
+class JsonlSource:
+    """JSON Lines files (optionally gzipped), one object per line; a bad line becomes a row with an error."""
+
+    suffixes = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.description = f"jsonl {cfg.path!r}"
+        self._files = resolve_files(cfg.path, self.suffixes)
+        self._first: dict[str, Any] | None = None
+        for f in self._files:
+            try:
+                with self._open(f) as fh:
+                    line = next((ln for ln in fh if ln.strip()), None)
+            except (OSError, UnicodeDecodeError, EOFError) as e:
+                raise JobError(f"cannot read {f!r}: {type(e).__name__}: {e}") from e
+            if self._first is None and line is not None:
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise JobError(f"{f!r} is not JSON Lines (first line: {e})") from e
+                self._first = first if isinstance(first, dict) else {}
+
+    @staticmethod
+    def _open(path: str) -> io.TextIOBase:
+        if path.endswith(".gz"):
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return open(path, encoding="utf-8")
+
+    def columns(self) -> list[str] | None:
+        """Keys of the first record (later records may lack some; those rows get an error)."""
+        return list(self._first or {})
+
+    def num_rows(self) -> int | None:
+        """Unknown without reading the files."""
+        return None
+
+    def __iter__(self) -> Iterator[SourceRow]:
+        index = 0
+        for f in self._files:
+            with self._open(f) as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    yield self._parse(index, line, f"{f}:{lineno}")
+                    index += 1
+
+    def _parse(self, index: int, line: str, where: str) -> SourceRow:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            return SourceRow(index, {}, error=f"invalid JSON at {where}: {e}")
+        if not isinstance(obj, dict):
+            return SourceRow(index, {}, error=f"expected a JSON object at {where}, got {type(obj).__name__}")
+        return SourceRow(index, obj)
+
+
+# OpenAI request body fields -> SamplingParams fields.
+OPENAI_SAMPLING_FIELDS = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "min_tokens": "min_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    "ignore_eos": "ignore_eos",
+    "n": "n",
+    "logprobs": "logprobs",
+}
+OPENAI_IGNORED_FIELDS = {
+    "model",
+    "messages",
+    "prompt",
+    "user",
+    "stream",
+    "stream_options",
+    "metadata",
+    "store",
+}
+
+
+class OpenAIBatchSource(JsonlSource):
+    """An OpenAI batch input file: ``{"custom_id", "method", "url", "body": {messages | prompt, sampling...}}``.
+
+    Rows come out as ``{"custom_id", "messages", "prompt"}`` with the body's sampling fields as
+    per-row overrides; a body field the engine cannot honour makes that row an error.
+    """
+
+    def columns(self) -> list[str] | None:
+        """The normalised columns."""
+        return ["custom_id", "messages", "prompt"]
+
+    def _parse(self, index: int, line: str, where: str) -> SourceRow:
+        row = super()._parse(index, line, where)
+        if row.error is not None:
+            return row
+        rec = row.data
+        data = {"custom_id": rec.get("custom_id"), "messages": None, "prompt": None}
+        body = rec.get("body")
+        if not isinstance(body, dict):
+            return SourceRow(index, data, error=f"request at {where} has no 'body' object")
+        data["messages"] = body.get("messages")
+        data["prompt"] = body.get("prompt")
+        overrides: dict[str, Any] = {}
+        for key, value in body.items():
+            if key in OPENAI_IGNORED_FIELDS or value is None:
+                continue
+            if key not in OPENAI_SAMPLING_FIELDS:
+                return SourceRow(index, data, error=f"unsupported request field {key!r} at {where}")
+            if key == "logprobs":
+                value = bool(value)
+            overrides[OPENAI_SAMPLING_FIELDS[key]] = value
+        return SourceRow(index, data, sampling=overrides)

@@ -1,0 +1,174 @@
+"""Output rows and their commit as Arrow IPC stream shards, with per-step timing, under a run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from engine.outputs import CompletionOutput
+from engine.sampling_params import SamplingParams
+from engine.timing import StepRecord
+from jobs.atomic import commit_file
+from jobs.manifest import GENERATIONS_DIR, STEPS_DIR, Manifest, ShardEntry
+from jobs.prompts import RequestSpec
+
+_ARROW_TYPES = {
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "bool": pa.bool_(),
+    "str": pa.string(),
+    "int | None": pa.int64(),
+    "list[int]": pa.list_(pa.int64()),
+    "list[str]": pa.list_(pa.string()),
+}
+SAMPLING_TYPE = pa.struct([(f.name, _ARROW_TYPES[f.type]) for f in dataclasses.fields(SamplingParams)])
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("row_index", pa.int64()),
+        ("prompt", pa.string()),
+        ("messages", pa.string()),
+        ("completion", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("logprobs", pa.list_(pa.float32())),
+        ("sampling", SAMPLING_TYPE),
+        ("error", pa.string()),
+        ("config_hash", pa.string()),
+    ]
+)
+STEP_SCHEMA = pa.schema(
+    [(f.name, _ARROW_TYPES[f.type]) for f in dataclasses.fields(StepRecord)] + [("attempt", pa.int64())]
+)
+
+
+def custom_id(row_id: str, sample_index: int) -> str:
+    """The stable id of one output row: source row id and sample index."""
+    return f"{row_id}-{sample_index}"
+
+
+def output_rows(spec: RequestSpec, outputs: list[CompletionOutput], digest: str) -> list[dict[str, Any]]:
+    """One row per finished sample of a request."""
+    base = _base_row(spec, digest)
+    return [
+        base
+        | {
+            "custom_id": custom_id(spec.id, out.index),
+            "sample_index": out.index,
+            "completion": out.text,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids) or len(spec.token_ids or ()),
+            "completion_tokens": len(out.token_ids),
+            "logprobs": out.logprobs,
+            "error": out.error,
+        }
+        for out in outputs
+    ]
+
+
+def error_rows(spec: RequestSpec, error: str, digest: str) -> list[dict[str, Any]]:
+    """One row per sample of a request that could not run, each carrying ``error``."""
+    base = _base_row(spec, digest)
+    return [
+        base
+        | {
+            "custom_id": custom_id(spec.id, i),
+            "sample_index": i,
+            "completion": "",
+            "token_ids": [],
+            "finish_reason": "error",
+            "prompt_tokens": len(spec.token_ids or ()),
+            "completion_tokens": 0,
+            "logprobs": None,
+            "error": error,
+        }
+        for i in range(spec.params.n)
+    ]
+
+
+def _base_row(spec: RequestSpec, digest: str) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "row_index": spec.row_index,
+        "prompt": spec.prompt,
+        "messages": None if spec.messages is None else json.dumps(spec.messages, ensure_ascii=False),
+        "sampling": dataclasses.asdict(spec.params),
+        "config_hash": digest,
+    }
+
+
+def write_stream(path: Path, table: pa.Table) -> None:
+    """Commit ``table`` to ``path`` as an Arrow IPC stream (temp file, fsync, rename, fsync the folder)."""
+
+    def write(f: Any) -> None:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
+
+    commit_file(path, write)
+
+
+class OutputSink:
+    """Buffers finished rows and step records; commits them as shards, then updates the manifest."""
+
+    def __init__(self, out_dir: Path, manifest: Manifest, every_rows: int, every_seconds: float) -> None:
+        self.gen_dir = out_dir / GENERATIONS_DIR
+        self.steps_dir = out_dir / STEPS_DIR
+        self.manifest = manifest
+        self.every_rows = max(1, every_rows)
+        self.every_seconds = every_seconds
+        self._rows: list[dict[str, Any]] = []
+        self._sources = 0
+        self._steps: list[dict[str, Any]] = []
+        self._last_commit = time.monotonic()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows finished but not committed yet."""
+        return len(self._rows)
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """Queue all rows of one source row (they always land in the same shard)."""
+        self._rows.extend(rows)
+        self._sources += 1
+
+    def add_steps(self, records: list[StepRecord]) -> None:
+        """Queue per-step timing records."""
+        attempt = self.manifest.attempts
+        self._steps.extend(r.to_dict() | {"attempt": attempt} for r in records)
+
+    def maybe_commit(self) -> bool:
+        """Commit if enough rows or time have accumulated; True if it did."""
+        due = len(self._rows) >= self.every_rows or len(self._steps) >= 8 * self.every_rows
+        if not due and time.monotonic() - self._last_commit >= self.every_seconds:
+            due = bool(self._rows or self._steps)
+        if due:
+            self.commit()
+        return due
+
+    def commit(self) -> None:
+        """Write pending rows and steps as new shards and record them in the manifest."""
+        self._last_commit = time.monotonic()
+        if not self._rows and not self._steps:
+            return
+        seq = self.manifest.next_seq
+        if self._rows:
+            name = f"shard-{seq:06d}.arrow"
+            write_stream(self.gen_dir / name, pa.Table.from_pylist(self._rows, schema=ROW_SCHEMA))
+            self.manifest.shards.append(ShardEntry(name, len(self._rows), self._sources))
+        if self._steps:
+            name = f"steps-{seq:06d}.arrow"
+            write_stream(self.steps_dir / name, pa.Table.from_pylist(self._steps, schema=STEP_SCHEMA))
+            self.manifest.steps.append(ShardEntry(name, len(self._steps)))
+        self.manifest.save()
+        self._rows, self._steps, self._sources = [], [], 0
