@@ -40,7 +40,10 @@ class ForwardContext:
     """State the attention layers read during one forward pass."""
 
     metadata: AttentionMetadata
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
+    kv_caches: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
+    use_kernels: bool = False
 
 
 _context: ForwardContext | None = None
@@ -57,8 +60,13 @@ def get_forward_context() -> ForwardContext:
     return _context
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Store this step's keys/values ([T, kv_heads, head_dim]) at their cache slots."""
     kvh, d = k_cache.shape[-2:]
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
@@ -95,7 +103,9 @@ def reference_paged_attention(
     q_pos = torch.full((batch, q_len), -1, dtype=torch.int64, device=query.device)
     q_pos[meta.query_seq, meta.query_index] = meta.positions
     k_pos = torch.arange(ctx_len, device=query.device)
-    visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < meta.context_lens[:, None, None])
+    visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & (
+        k_pos[None, None, :] < meta.context_lens[:, None, None]
+    )
     if sliding_window is not None:
         visible &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     visible[:, :, 0] |= q_pos < 0  # padding rows: see one key, never read back
@@ -128,7 +138,12 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, d]
     write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), ctx.metadata.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = reference_paged_attention(q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap)
+    if ctx.use_kernels:
+        from .kernels import paged_attention
+
+        out = paged_attention(q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap)
+    else:
+        out = reference_paged_attention(q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap)
     return out.unsqueeze(0), None
 
 

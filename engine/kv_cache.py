@@ -24,7 +24,9 @@ class CacheSpec:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
 
-def activation_reserve_bytes(shape: ModelShape, hidden_size: int, intermediate_size: int, cfg: EngineConfig) -> int:
+def activation_reserve_bytes(
+    shape: ModelShape, hidden_size: int, intermediate_size: int, cfg: EngineConfig
+) -> int:
     """A generous bound on one step's activations: a few hidden-sized and MLP-sized buffers per token, plus logits."""
     per_token = 4 * (6 * hidden_size + 3 * intermediate_size)
     logits = 4 * 4 * cfg.max_num_seqs * shape.vocab_size
@@ -50,9 +52,14 @@ def num_blocks_for(spec: CacheSpec, cfg: EngineConfig, device: torch.device, res
     return blocks
 
 
-def allocate_kv_cache(spec: CacheSpec, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_cache(
+    spec: CacheSpec, num_blocks: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     return [
-        (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
+        (
+            torch.zeros(shape, dtype=spec.dtype, device=device),
+            torch.zeros(shape, dtype=spec.dtype, device=device),
+        )
         for _ in range(spec.num_layers)
     ]

@@ -34,8 +34,9 @@ class LLM:
         model_opts = {k: v for k, v in options.items() if k in _MODEL_FIELDS}
         device = resolve_device(engine_cfg.device)
         if isinstance(model, str):
-            model_cfg = ModelConfig(model=model, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
-                                    **model_opts)
+            model_cfg = ModelConfig(
+                model=model, tokenizer=tokenizer if isinstance(tokenizer, str) else None, **model_opts
+            )
             loaded = load_model(model_cfg, device)
             if tokenizer is None or isinstance(tokenizer, str):
                 tokenizer = load_tokenizer(model_cfg)

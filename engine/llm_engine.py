@@ -4,26 +4,37 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 
 import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
 from .detokenizer import Detokenizer, find_stop
+from .kernels import kernels_available
 from .kv_cache import CacheSpec, activation_reserve_bytes, allocate_kv_cache, num_blocks_for
 from .model_loader import eos_token_ids, load_model, load_tokenizer, model_shape, resolve_device
-from .model_runner import ModelRunner, prepare_inputs
+from .model_runner import Launched, ModelRunner
 from .outputs import CompletionOutput, RequestError
 from .prompts import PromptType, tokenize_prompt
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import Sequence, SeqStatus
-from .timing import RunSummary, StepRecord
+from .sequence import SeqStatus, Sequence
+from .step_inputs import MAX_SUPPRESS, build_step_arrays
+from .timing import RunSummary, StepRecord, StepTotals
 
 
 def derive_seed(base: int, key: str, sample_index: int) -> int:
     digest = hashlib.blake2b(f"{base}/{key}/{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+@dataclass
+class _InFlight:
+    batch: ScheduledBatch
+    launched: Launched
+    wall_start: float
+    prep_s: float
 
 
 class EngineStats:
@@ -53,17 +64,28 @@ class LLMEngine:
         num_blocks = num_blocks_for(spec, cfg, self.device, reserve)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_num_seqs)
-        self.runner = ModelRunner(model, allocate_kv_cache(spec, num_blocks, self.device))
+        self.runner = ModelRunner(
+            model,
+            allocate_kv_cache(spec, num_blocks, self.device),
+            max_tokens=cfg.max_batch_tokens,
+            max_seqs=cfg.max_num_seqs,
+            max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
+            use_kernels=self.device.type == "cuda" and kernels_available(),
+            cuda_graphs=cfg.cuda_graphs,
+        )
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.mode = "sync"
+        self.mode = cfg.mode if cfg.mode != "auto" else ("async" if self.device.type == "cuda" else "sync")
+        self._prev_rows: dict[int, int] = {}
+        self._in_flight: _InFlight | None = None
         self._next_seq_id = 0
         self._unfinished = 0
         self._step_index = 0
         self._records: list[StepRecord] = []
-        self._all_records: list[StepRecord] = []
+        self._totals = StepTotals()
         self._started_at: float | None = None
-        self._last_compute_end: float | None = None
+        self._finished_at = 0.0
+        self._last_gpu_end: float | None = None
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig | None = None) -> LLMEngine:
@@ -90,9 +112,16 @@ class LLMEngine:
                 f"more than the whole cache ({self.block_manager.num_usable_blocks})"
             )
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        if params.min_new_tokens and len(stop_ids) > MAX_SUPPRESS:
+            raise RequestError(
+                f"min_new_tokens supports at most {MAX_SUPPRESS} EOS + stop token ids, got {len(stop_ids)}"
+            )
         for i in range(params.n):
-            seed = (derive_seed(params.seed, "", i) if params.seed is not None
-                    else derive_seed(self.config.seed, str(request_id), i))
+            seed = (
+                derive_seed(params.seed, "", i)
+                if params.seed is not None
+                else derive_seed(self.config.seed, str(request_id), i)
+            )
             seq = Sequence(self._next_seq_id, str(request_id), i, ids, params, seed, stop_ids)
             self._next_seq_id += 1
             self.scheduler.add(seq)
@@ -106,34 +135,57 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks,
-                           bm.num_usable_blocks)
+        return EngineStats(
+            len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks, bm.num_usable_blocks
+        )
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[CompletionOutput]:
-        """Schedule, run and process one step; returns the samples that finished in it."""
-        start = time.perf_counter()
+        """Advance generation by one step; returns the samples that finished.
+
+        Sync: prepare, launch and process step N. Async: prepare and launch step N+1, then
+        process step N's outputs while N+1 computes (outputs lag one step).
+        """
+        started = time.perf_counter()
+        wall = time.time()
         if self._started_at is None:
-            self._started_at = start
+            self._started_at = started
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        inputs = prepare_inputs(batch, self.config.block_size).to(self.device)
-        launch = time.perf_counter()
-        tokens, logprobs = self.runner.execute(inputs)
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()
-        done = time.perf_counter()
-        finished = self._process(batch, tokens, logprobs)
-        self._record(batch, start, launch, done)
+        launched = None
+        if batch:
+            arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
+            launched = self.runner.launch(arrays)
+            self._prev_rows = {
+                it.seq.seq_id: row for row, it in enumerate(it for it in batch.items if it.sample)
+            }
+            current = _InFlight(batch, launched, wall, time.perf_counter() - started)
+        else:
+            current = None
+        finished: list[CompletionOutput] = []
+        if self.mode == "async":
+            if self._in_flight is not None:
+                finished = self._complete(self._in_flight)
+            self._in_flight = current
+        elif current is not None:
+            finished = self._complete(current)
+        self._finished_at = time.perf_counter()
         return finished
 
-    def _process(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[CompletionOutput]:
+    def _complete(self, step: _InFlight) -> list[CompletionOutput]:
+        tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
+        self._record(step, gpu_start, gpu_end)
+        return self._process(step.batch, tokens, logprobs)
+
+    def _process(
+        self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]
+    ) -> list[CompletionOutput]:
         finished = []
         rows = (it for it in batch.items if it.sample)
         for it, token, lp in zip(rows, tokens, logprobs, strict=True):
             seq = it.seq
             if seq.is_finished:
-                continue
+                continue  # finished in the step before; this token was computed one step ahead
+            seq.num_pending_tokens -= 1
             seq.output_token_ids.append(token)
             if seq.params.logprobs:
                 seq.output_logprobs.append(lp)
@@ -177,25 +229,37 @@ class LLMEngine:
             except Exception as exc:
                 seq.error, reason = f"{type(exc).__name__}: {exc}", "error"
         return CompletionOutput(
-            request_id=seq.request_id, index=seq.sample_index, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids), text=text, finish_reason=reason,
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs else None, error=seq.error,
+            request_id=seq.request_id,
+            index=seq.sample_index,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=text,
+            finish_reason=reason,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
+            error=seq.error,
         )
 
     # -- timing -----------------------------------------------------------------------------
-    def _record(self, batch: ScheduledBatch, start: float, launch: float, done: float) -> None:
-        idle = 0.0 if self._last_compute_end is None else max(0.0, launch - self._last_compute_end)
-        self._last_compute_end = done
+    def _record(self, step: _InFlight, gpu_start: float, gpu_end: float) -> None:
+        idle = 0.0 if self._last_gpu_end is None else max(0.0, gpu_start - self._last_gpu_end) / 1000
+        self._last_gpu_end = gpu_end
+        batch = step.batch
         record = StepRecord(
-            step=self._step_index, start_time=time.time() - (time.perf_counter() - start),
-            cpu_prep_s=launch - start, gpu_compute_s=done - launch, gpu_idle_s=idle,
-            num_seqs=len(batch.items), prefill_tokens=batch.prefill_tokens, decode_tokens=batch.decode_tokens,
-            kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_usable_blocks,
+            step=self._step_index,
+            start_time=step.wall_start,
+            cpu_prep_s=step.prep_s,
+            gpu_compute_s=(gpu_end - gpu_start) / 1000,
+            gpu_idle_s=idle,
+            num_seqs=len(batch.items),
+            prefill_tokens=batch.prefill_tokens,
+            decode_tokens=batch.decode_tokens,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_usable_blocks,
             mode=self.mode,
         )
         self._step_index += 1
         self._records.append(record)
-        self._all_records.append(record)
+        self._totals.add(record)
 
     def pop_step_records(self) -> list[StepRecord]:
         """Step records since the last call."""
@@ -203,8 +267,9 @@ class LLMEngine:
         return records
 
     def summary(self) -> RunSummary:
-        wall = 0.0 if self._started_at is None else time.perf_counter() - self._started_at
-        return RunSummary.from_records(self._all_records, wall)
+        """Totals since the first step; wall time runs from the first step to the latest one."""
+        wall = 0.0 if self._started_at is None else self._finished_at - self._started_at
+        return self._totals.summary(wall)
 
     def close(self) -> None:
         """Free the cache and model references (the GPU memory returns to the allocator)."""

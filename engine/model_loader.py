@@ -11,8 +11,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from .attention import ATTN_IMPLEMENTATION
 from .config import ModelConfig
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -36,7 +42,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str | torch.dtype, config: PretrainedConfig | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    name: str | torch.dtype, config: PretrainedConfig | None, device: torch.device
+) -> torch.dtype:
     """``auto``: the checkpoint's dtype on CUDA (bfloat16 if it names none), float32 on CPU."""
     if isinstance(name, torch.dtype):
         return name
@@ -55,13 +63,18 @@ def resolve_dtype(name: str | torch.dtype, config: PretrainedConfig | None, devi
 def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     """``from_pretrained`` from a local path or hub id, with paged attention switched on."""
     try:
-        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except Exception as exc:  # transformers raises OSError, ValueError, ... depending on the cause
         raise ModelLoadError(f"cannot load model config from {cfg.model!r}: {exc}") from exc
     dtype = resolve_dtype(cfg.dtype, config, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            cfg.model,
+            revision=cfg.revision,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
             attn_implementation=ATTN_IMPLEMENTATION,
         )
     except Exception as exc:
@@ -69,15 +82,21 @@ def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     return prepare_model(model, device)
 
 
-def build_random_model(config: PretrainedConfig, dtype: str | torch.dtype = "float32",
-                       device: str | torch.device = "cpu", seed: int = 0) -> PreTrainedModel:
+def build_random_model(
+    config: PretrainedConfig,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> PreTrainedModel:
     """A model of ``config``'s shape with random weights (tests and benchmarks)."""
     device = torch.device(device)
     config = copy.deepcopy(config)  # the model keeps its config: never share it with other models
     torch_dtype = resolve_dtype(dtype, config, device)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION
+        )
     return prepare_model(model, device)
 
 
@@ -89,7 +108,9 @@ def prepare_model(model: PreTrainedModel, device: torch.device) -> PreTrainedMod
 def load_tokenizer(cfg: ModelConfig):
     source = cfg.tokenizer or cfg.model
     try:
-        return AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except Exception as exc:
         raise ModelLoadError(f"cannot load tokenizer from {source!r}: {exc}") from exc
 

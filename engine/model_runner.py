@@ -1,135 +1,180 @@
-"""Turn a scheduled batch into packed model inputs, run the forward pass and sample."""
+"""Run steps on the device: copy inputs in, fill carried-over tokens, forward, sample, copy outputs out.
+
+``launch`` enqueues a step on the pipeline's streams and returns at once on CUDA; ``collect``
+waits for that step's outputs (a blocking event) and reads them. Decode-only steps replay a
+CUDA graph captured per slot and padded batch size, all graphs in one memory pool.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from .attention import AttentionMetadata, ForwardContext, set_forward_context
-from .sampler import SamplingTensors, sample
-from .scheduler import ScheduledBatch
+from .attention import ForwardContext, set_forward_context
+from .io_slots import DeviceStep, IOSlot
+from .sampler import sample
+from .step_inputs import StepArrays
+from .streams import Pipeline
 
 
 @dataclass
-class StepInputs:
-    """Everything one forward + sample needs, as host tensors (moved to the device by ``to``)."""
+class Launched:
+    """A step on its way through the pipeline."""
 
-    input_ids: torch.Tensor
-    metadata: AttentionMetadata
-    logits_indices: torch.Tensor
-    sampling: SamplingTensors
-    want_logprobs: bool
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> StepInputs:
-        def mv(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=non_blocking)
-
-        m, s = self.metadata, self.sampling
-        return StepInputs(
-            input_ids=mv(self.input_ids),
-            metadata=AttentionMetadata(
-                slot_mapping=mv(m.slot_mapping), positions=mv(m.positions), query_seq=mv(m.query_seq),
-                query_index=mv(m.query_index), block_tables=mv(m.block_tables), context_lens=mv(m.context_lens),
-                max_query_len=m.max_query_len, max_context_len=m.max_context_len,
-            ),
-            logits_indices=mv(self.logits_indices),
-            sampling=SamplingTensors(
-                temperature=mv(s.temperature), top_k=mv(s.top_k), top_p=mv(s.top_p), min_p=mv(s.min_p),
-                seed=mv(s.seed), position=mv(s.position), suppress=mv(s.suppress),
-                any_sampling=s.any_sampling, any_top_k_top_p=s.any_top_k_top_p, any_min_p=s.any_min_p,
-            ),
-            want_logprobs=self.want_logprobs,
-        )
+    slot: int
+    num_rows: int
+    graph: bool
 
 
-def _t(array: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-
-
-def prepare_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
-    """Packed token ids, positions, cache slots and sampling rows of a scheduled batch.
-
-    Work per step is a loop over sequences (to read their tokens and parameters); everything
-    per token is built with array operations.
-    """
-    items = batch.items
-    lens = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=len(items))
-    starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
-    num_tokens = int(lens.sum())
-    cu = np.zeros(len(items) + 1, dtype=np.int64)
-    np.cumsum(lens, out=cu[1:])
-    query_seq = np.repeat(np.arange(len(items)), lens)
-    query_index = np.arange(num_tokens) - np.repeat(cu[:-1], lens)
-    positions = np.repeat(starts, lens) + query_index
-
-    max_blocks = max(len(it.seq.block_table) for it in items)
-    tables = np.zeros((len(items), max_blocks), dtype=np.int64)
-    for i, it in enumerate(items):
-        tables[i, : len(it.seq.block_table)] = it.seq.block_table
-    slots = tables[query_seq, positions // block_size] * block_size + positions % block_size
-
-    ids: list[int] = []
-    for it in items:
-        ids.extend(it.seq.known_tokens(it.start, it.start + it.num_new_tokens))
-
-    sampled = [i for i, it in enumerate(items) if it.sample]
-    rows = [items[i] for i in sampled]
-    suppress_lists = [
-        sorted(it.seq.stop_ids) if len(it.seq.output_token_ids) < it.seq.params.min_new_tokens else []
-        for it in rows
-    ]
-    width = max((len(s) for s in suppress_lists), default=0)
-    suppress = np.full((len(rows), width), -1, dtype=np.int64)
-    for r, s in enumerate(suppress_lists):
-        suppress[r, : len(s)] = s
-    params = [it.seq.params for it in rows]
-    sampling = SamplingTensors(
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
-        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-        min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
-        seed=torch.tensor([it.seq.seed for it in rows], dtype=torch.int64),
-        position=torch.tensor([it.start + it.num_new_tokens for it in rows], dtype=torch.int64),
-        suppress=_t(suppress),
-        any_sampling=any(p.temperature > 0 for p in params),
-        any_top_k_top_p=any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params),
-        any_min_p=any(p.temperature > 0 and p.min_p > 0 for p in params),
-    )
-    metadata = AttentionMetadata(
-        slot_mapping=_t(slots), positions=_t(positions), query_seq=_t(query_seq), query_index=_t(query_index),
-        block_tables=_t(tables), context_lens=_t(starts + lens),
-        max_query_len=int(lens.max()), max_context_len=int((starts + lens).max()),
-    )
-    return StepInputs(
-        input_ids=torch.tensor(ids, dtype=torch.int64),
-        metadata=metadata,
-        logits_indices=_t(cu[1:][sampled] - 1),
-        sampling=sampling,
-        want_logprobs=any(p.logprobs for p in params),
-    )
+def graph_batch_sizes(max_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_seqs + 1, 16))
+    return sorted({s for s in sizes if s <= max_seqs} | {max_seqs})
 
 
 class ModelRunner:
-    """Runs one step on the device: forward over the packed tokens, then sampling."""
+    """Owns the two I/O slots, the streams and the CUDA graphs of one model."""
 
-    def __init__(self, model: PreTrainedModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        kv_caches,
+        *,
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        use_kernels: bool,
+        cuda_graphs: bool,
+    ):
         self.model = model
         self.kv_caches = kv_caches
+        self.device = next(model.parameters()).device
+        self.pipe = Pipeline(self.device)
+        self.slots = [
+            IOSlot(max_tokens, max_seqs, max_blocks_per_seq, self.device, self.pipe) for _ in range(2)
+        ]
+        self.use_kernels = use_kernels
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and use_kernels
+        self.graph_sizes = graph_batch_sizes(max_seqs) if self.use_graphs else []
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        self._next_slot = 0
+        self.t0 = self.pipe.event(timing=True)
+        with self.pipe.on(self.pipe.compute):
+            self.t0.record()
 
+    # -- the pipeline -------------------------------------------------------------------------
+    def launch(self, a: StepArrays) -> Launched:
+        index = self._next_slot
+        self._next_slot ^= 1
+        slot, prev = self.slots[index], self.slots[index ^ 1]
+        padded = self._graph_size(a)
+        sizes = (padded, padded, padded) if padded else (a.num_tokens, a.num_seqs, a.num_sampled)
+        slot.h2d_done.synchronize()  # this slot's host buffers are free once their last copy is done
+        slot.load(a, *sizes)
+        pipe = self.pipe
+        with pipe.on(pipe.h2d):
+            pipe.h2d.wait_event(slot.compute_done)
+            slot.copy_to_device()
+            slot.h2d_done.record()
+        with pipe.on(pipe.compute):
+            pipe.compute.wait_event(slot.h2d_done)
+            slot.compute_start.record()
+            if padded:
+                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p)
+                if key not in self.graphs:
+                    self._capture(key, slot, prev)
+                self.graphs[key].replay()
+            else:
+                self._forward_and_sample(slot.device_step(*sizes, a, graph=False), prev.dev_tokens)
+            slot.compute_done.record()
+        with pipe.on(pipe.d2h):
+            pipe.d2h.wait_event(slot.compute_done)
+            slot.copy_to_host(a.num_sampled)
+            slot.d2h_done.record()
+        return Launched(index, a.num_sampled, bool(padded))
+
+    def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
+        """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""
+        slot = self.slots[launched.slot]
+        slot.d2h_done.synchronize()
+        n = launched.num_rows
+        start = self.t0.elapsed_time(slot.compute_start)
+        end = self.t0.elapsed_time(slot.compute_done)
+        return slot.host_tokens[:n].tolist(), slot.host_logprobs[:n].tolist(), start, end
+
+    # -- compute ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampled tokens and their logprobs (device tensors), one per sampling row."""
-        set_forward_context(ForwardContext(inputs.metadata, self.kv_caches))
+    def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
+        # Carry-over: tokens the previous step sampled replace their placeholders, on the device.
+        input_ids = torch.where(step.carry >= 0, prev_tokens[step.carry.clamp(min=0)], step.input_ids)
+        set_forward_context(ForwardContext(step.metadata, self.kv_caches, self.use_kernels))
         try:
             out = self.model(
-                input_ids=inputs.input_ids[None],
-                position_ids=inputs.metadata.positions[None],
-                logits_to_keep=inputs.logits_indices,
+                input_ids=input_ids[None],
+                position_ids=step.metadata.positions[None],
+                logits_to_keep=step.logits_indices,
                 use_cache=False,
             )
         finally:
             set_forward_context(None)
-        return sample(out.logits[0], inputs.sampling, inputs.want_logprobs)
+        tokens, logprobs = sample(out.logits[0], step.sampling, want_logprobs=True)
+        step.tokens_out.copy_(tokens)
+        step.logprobs_out.copy_(logprobs)
+
+    def _graph_size(self, a: StepArrays) -> int:
+        if not self.use_graphs or not a.is_decode_only or a.num_seqs > self.graph_sizes[-1]:
+            return 0
+        return next(s for s in self.graph_sizes if s >= a.num_seqs)
+
+    def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
+        _, size, any_sampling, any_top_k_top_p, any_min_p = key
+        shape = SimpleNamespace(
+            max_query_len=1,
+            max_context_len=1,
+            block_tables=None,
+            any_sampling=any_sampling,
+            any_top_k_top_p=any_top_k_top_p,
+            any_min_p=any_min_p,
+        )
+        step = slot.device_step(size, size, size, shape, graph=True)
+        stream = self.pipe.compute
+        self._forward_and_sample(
+            step, prev.dev_tokens
+        )  # warm-up (kernel autotuning, lazy init) outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+            self._forward_and_sample(step, prev.dev_tokens)
+        if self.graph_pool is None:
+            self.graph_pool = graph.pool()
+        self.graphs[key] = graph
+
+    def capture_graphs(self) -> int:
+        """Capture the greedy decode graphs of every padded size for both slots, largest first."""
+        if not self.use_graphs:
+            return 0
+        with self.pipe.on(self.pipe.compute):
+            for size in reversed(self.graph_sizes):
+                for index in (0, 1):
+                    slot, prev = self.slots[index], self.slots[index ^ 1]
+                    key = (index, size, False, False, False)
+                    if key not in self.graphs:
+                        self._load_idle_step(slot, size)
+                        self._capture(key, slot, prev)
+        torch.cuda.synchronize(self.device)
+        return len(self.graphs)
+
+    def _load_idle_step(self, slot: IOSlot, size: int) -> None:
+        """Fill a slot's device buffers with a harmless padded step (every row a padding row)."""
+        slot.dev_int.zero_()
+        off = slot.offsets
+        slot.dev_int[off["carry"] : off["carry"] + size].fill_(-1)
+        slot.dev_int[off["context_lens"] : off["context_lens"] + size].fill_(1)
+        slot.dev_int[off["query_seq"] : off["query_seq"] + size].copy_(torch.arange(size, device=self.device))
+        slot.dev_int[off["logits_indices"] : off["logits_indices"] + size].copy_(
+            torch.arange(size, device=self.device)
+        )
+        slot.dev_int[off["suppress"] : off["suppress"] + size * 16].fill_(-1)
+        slot.dev_float.zero_()

@@ -17,9 +17,13 @@ def validate_messages(messages: Seq) -> None:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RequestError(f"chat message {i} must be a dict with 'role' and 'content', got {m!r:.200}")
         if m["role"] not in CHAT_ROLES:
-            raise RequestError(f"chat message {i} has unknown role {m['role']!r} (expected one of {sorted(CHAT_ROLES)})")
+            raise RequestError(
+                f"chat message {i} has unknown role {m['role']!r} (expected one of {sorted(CHAT_ROLES)})"
+            )
         if not isinstance(m["content"], str):
-            raise RequestError(f"chat message {i} content must be a string, got {type(m['content']).__name__}")
+            raise RequestError(
+                f"chat message {i} content must be a string, got {type(m['content']).__name__}"
+            )
 
 
 def tokenize_prompt(prompt: PromptType, tokenizer, vocab_size: int) -> list[int]:
@@ -44,7 +48,9 @@ def tokenize_prompt(prompt: PromptType, tokenizer, vocab_size: int) -> list[int]
         if bad:
             raise RequestError(f"token ids out of the vocabulary (size {vocab_size}): {bad[:5]}")
     else:
-        raise RequestError(f"a prompt must be a string, token ids or chat messages, got {type(prompt).__name__}")
+        raise RequestError(
+            f"a prompt must be a string, token ids or chat messages, got {type(prompt).__name__}"
+        )
     if not ids:
         raise RequestError("empty prompt: it has no tokens")
     return ids

@@ -25,7 +25,8 @@ class SamplingTensors:
     min_p: torch.Tensor  # float32 [S]
     seed: torch.Tensor  # int64 [S], non-negative, < 2**62
     position: torch.Tensor  # int64 [S]: index of the token being sampled in its sequence
-    suppress: torch.Tensor  # int64 [S, K]: token ids to forbid (min_new_tokens), -1 = none
+    suppress: torch.Tensor  # int64 [S, K]: token ids to forbid (min_new_tokens); rows padded with their
+    # first id, or all -1 when the row forbids nothing
     any_sampling: bool
     any_top_k_top_p: bool
     any_min_p: bool
@@ -73,14 +74,16 @@ def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return scaled
 
 
-def sample(logits: torch.Tensor, st: SamplingTensors, want_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, st: SamplingTensors, want_logprobs: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row; also the model's log-probability of each chosen token."""
     logits = logits.float()
     raw = logits
     if st.suppress.shape[1] > 0:
-        forbid = torch.zeros_like(logits, dtype=torch.bool)
-        forbid.scatter_(1, st.suppress.clamp(min=0), st.suppress >= 0)
-        logits = logits.masked_fill(forbid, float("-inf"))
+        index = st.suppress.clamp(min=0)
+        kept = logits.gather(1, index)
+        logits = logits.scatter(1, index, torch.where(st.suppress >= 0, float("-inf"), kept))
     tokens = logits.argmax(dim=-1)
     if st.any_sampling:
         scaled = apply_filters(logits, st)

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 
 
 @dataclass(slots=True)
@@ -95,6 +95,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted while its last token was in flight: recompute once that token is known
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -112,6 +114,7 @@ class Scheduler:
             self.running.append(seq)
             self._schedule(seq, want, batch)
             budget -= want
+        self._last_batch = batch
         return batch
 
     def finish(self, seq: Sequence) -> None:
@@ -146,7 +149,10 @@ class Scheduler:
         self.blocks.grow(seq, start + n)
         seq.num_computed_tokens = start + n
         self.blocks.register_full_blocks(seq)
-        batch.items.append(ScheduledSeq(seq, start, n, sample=seq.num_computed_tokens == seq.num_tokens))
+        sample = seq.num_computed_tokens == seq.num_tokens
+        if sample:
+            seq.num_pending_tokens += 1
+        batch.items.append(ScheduledSeq(seq, start, n, sample))
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.blocks.free_seq(seq)

@@ -45,13 +45,25 @@ class RunSummary:
     def gpu_busy(self) -> float:
         return self.compute_s / self.wall_s if self.wall_s > 0 else 0.0
 
-    @classmethod
-    def from_records(cls, records: list[StepRecord], wall_s: float) -> RunSummary:
-        return cls(
-            steps=len(records),
-            wall_s=wall_s,
-            compute_s=sum(r.gpu_compute_s for r in records),
-            idle_s=sum(r.gpu_idle_s for r in records),
-            prefill_tokens=sum(r.prefill_tokens for r in records),
-            decode_tokens=sum(r.decode_tokens for r in records),
+
+@dataclass
+class StepTotals:
+    """Running sums over step records (a run can have millions of steps: nothing is kept per step)."""
+
+    steps: int = 0
+    compute_s: float = 0.0
+    idle_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+    def add(self, r: StepRecord) -> None:
+        self.steps += 1
+        self.compute_s += r.gpu_compute_s
+        self.idle_s += r.gpu_idle_s
+        self.prefill_tokens += r.prefill_tokens
+        self.decode_tokens += r.decode_tokens
+
+    def summary(self, wall_s: float) -> RunSummary:
+        return RunSummary(
+            self.steps, wall_s, self.compute_s, self.idle_s, self.prefill_tokens, self.decode_tokens
         )

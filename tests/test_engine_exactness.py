@@ -85,7 +85,9 @@ def test_prompts_as_text_and_chat_messages(device):
     tok = tokenizer()
     llm = make_llm("qwen2", device, tok=tok)
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
-    text_out, chat_out = llm.generate(["Once upon a time", chat], SamplingParams(temperature=0, max_new_tokens=6))
+    text_out, chat_out = llm.generate(
+        ["Once upon a time", chat], SamplingParams(temperature=0, max_new_tokens=6)
+    )
     assert text_out.prompt_token_ids == tok("Once upon a time").input_ids
     rendered = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert chat_out.prompt_token_ids == tok(rendered, add_special_tokens=False).input_ids

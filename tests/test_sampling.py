@@ -25,8 +25,12 @@ def test_seeded_request_is_identical_alone_and_in_a_batch_of_16():
 def test_different_seeds_give_different_samples():
     llm = make_llm("llama")
     prompt = random_prompts(1, [10], seed=12)
-    outs = [llm.generate(prompt, SamplingParams(temperature=1.0, seed=s, max_new_tokens=16))[0].outputs[0].token_ids
-            for s in range(4)]
+    outs = [
+        llm.generate(prompt, SamplingParams(temperature=1.0, seed=s, max_new_tokens=16))[0]
+        .outputs[0]
+        .token_ids
+        for s in range(4)
+    ]
     assert len({tuple(o) for o in outs}) == 4
 
 
@@ -40,10 +44,12 @@ def test_top_k_one_equals_greedy():
 
 def _reference_probs(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
     scores = logits[None].clone()
-    for warper in (TemperatureLogitsWarper(temperature),
-                   TopKLogitsWarper(top_k) if top_k > 0 else None,
-                   TopPLogitsWarper(top_p) if top_p < 1 else None,
-                   MinPLogitsWarper(min_p) if min_p > 0 else None):
+    for warper in (
+        TemperatureLogitsWarper(temperature),
+        TopKLogitsWarper(top_k) if top_k > 0 else None,
+        TopPLogitsWarper(top_p) if top_p < 1 else None,
+        MinPLogitsWarper(min_p) if min_p > 0 else None,
+    ):
         if warper is not None:
             scores = warper(None, scores)
     return scores.softmax(-1)[0]
@@ -58,10 +64,16 @@ def test_sampler_distribution_matches_reference(temperature, top_k, top_p, min_p
     logits = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0])
     n = 20_000
     st = SamplingTensors(
-        temperature=torch.full((n,), temperature), top_k=torch.full((n,), top_k), top_p=torch.full((n,), top_p),
-        min_p=torch.full((n,), min_p), seed=torch.arange(n) * 7919 + 3, position=torch.full((n,), 5),
-        suppress=torch.empty((n, 0), dtype=torch.int64), any_sampling=True,
-        any_top_k_top_p=top_k > 0 or top_p < 1, any_min_p=min_p > 0,
+        temperature=torch.full((n,), temperature),
+        top_k=torch.full((n,), top_k),
+        top_p=torch.full((n,), top_p),
+        min_p=torch.full((n,), min_p),
+        seed=torch.arange(n) * 7919 + 3,
+        position=torch.full((n,), 5),
+        suppress=torch.empty((n, 0), dtype=torch.int64),
+        any_sampling=True,
+        any_top_k_top_p=top_k > 0 or top_p < 1,
+        any_min_p=min_p > 0,
     )
     tokens, _ = sample(logits.expand(n, -1).clone(), st, want_logprobs=False)
     freq = torch.bincount(tokens, minlength=len(logits)).double() / n
@@ -73,11 +85,22 @@ def test_sampler_distribution_matches_reference(temperature, top_k, top_p, min_p
 
 def test_draws_depend_only_on_seed_and_position():
     logits = torch.randn(3, 100)
+
     def st(seeds, positions):
         k = len(seeds)
-        return SamplingTensors(torch.ones(k), torch.zeros(k, dtype=torch.int64), torch.ones(k), torch.zeros(k),
-                               torch.tensor(seeds), torch.tensor(positions), torch.empty((k, 0), dtype=torch.int64),
-                               True, False, False)
+        return SamplingTensors(
+            torch.ones(k),
+            torch.zeros(k, dtype=torch.int64),
+            torch.ones(k),
+            torch.zeros(k),
+            torch.tensor(seeds),
+            torch.tensor(positions),
+            torch.empty((k, 0), dtype=torch.int64),
+            True,
+            False,
+            False,
+        )
+
     together, _ = sample(logits, st([1, 2, 3], [10, 11, 12]), False)
     for i, (s, p) in enumerate([(1, 10), (2, 11), (3, 12)]):
         alone, _ = sample(logits[i : i + 1], st([s], [p]), False)

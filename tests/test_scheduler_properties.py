@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from engine.block_manager import NULL_BLOCK, BlockManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SeqStatus
+from engine.sequence import SeqStatus, Sequence
 
 PREFIXES = [list(range(100, 100 + n)) for n in (0, 8, 13, 24)]
 
@@ -36,10 +36,17 @@ requests = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reqs=requests, num_blocks=st.integers(12, 60), block_size=st.sampled_from([1, 4, 8]),
-       budget=st.integers(1, 64), max_seqs=st.integers(1, 8), prefix_caching=st.booleans())
-def test_random_workloads_keep_block_and_budget_invariants(reqs, num_blocks, block_size, budget, max_seqs,
-                                                            prefix_caching):
+@given(
+    reqs=requests,
+    num_blocks=st.integers(12, 60),
+    block_size=st.sampled_from([1, 4, 8]),
+    budget=st.integers(1, 64),
+    max_seqs=st.integers(1, 8),
+    prefix_caching=st.booleans(),
+)
+def test_random_workloads_keep_block_and_budget_invariants(
+    reqs, num_blocks, block_size, budget, max_seqs, prefix_caching
+):
     bm = BlockManager(num_blocks, block_size, prefix_caching)
     sched = Scheduler(bm, budget, max_seqs)
     seqs = []
@@ -47,7 +54,9 @@ def test_random_workloads_keep_block_and_budget_invariants(reqs, num_blocks, blo
         prompt = PREFIXES[prefix] + [1000 + i * 50 + j for j in range(tail)]
         if -(-(len(prompt) + max_new) // block_size) > bm.num_usable_blocks:
             continue  # the engine rejects these at submission
-        seq = Sequence(i, str(i), 0, prompt, SamplingParams(max_new_tokens=max_new), seed=i, stop_ids=frozenset())
+        seq = Sequence(
+            i, str(i), 0, prompt, SamplingParams(max_new_tokens=max_new), seed=i, stop_ids=frozenset()
+        )
         sched.add(seq)
         seqs.append(seq)
 
@@ -64,6 +73,7 @@ def test_random_workloads_keep_block_and_budget_invariants(reqs, num_blocks, blo
             assert it.seq.status is SeqStatus.RUNNING and it.seq.num_computed_tokens <= it.seq.num_tokens
             if it.sample:
                 seq = it.seq
+                seq.num_pending_tokens -= 1
                 seq.output_token_ids.append(7000 + seq.seq_id)
                 if len(seq.output_token_ids) >= seq.params.max_new_tokens:
                     seq.status = SeqStatus.FINISHED

@@ -17,8 +17,16 @@ VOCAB = 2048
 EOS = 2
 
 _COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, eos_token_id=EOS, pad_token_id=0, bos_token_id=None,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=EOS,
+    pad_token_id=0,
+    bos_token_id=None,
     initializer_range=0.2,
 )
 
@@ -28,8 +36,10 @@ ARCHS = {
     "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q/k norms
     "mistral": ("MistralConfig", {"sliding_window": 12}),
     "gemma": ("GemmaConfig", {"head_dim": 32, "num_key_value_heads": 1}),  # multi-query, tied embeddings
-    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 12, "attn_logit_softcapping": 5.0,
-                                "final_logit_softcapping": 3.0}),
+    "gemma2": (
+        "Gemma2Config",
+        {"head_dim": 16, "sliding_window": 12, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    ),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 12}),
 }
 
@@ -45,11 +55,18 @@ def tokenizer():
 
 def devices() -> list:
     """CPU always; CUDA (marked gpu) when present."""
-    return ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs CUDA")])]
+    return [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ]
 
 
-def make_llm(arch: str = "llama", device: str = "cpu", tok=None, config_overrides: dict | None = None, **options) -> LLM:
+def make_llm(
+    arch: str = "llama", device: str = "cpu", tok=None, config_overrides: dict | None = None, **options
+) -> LLM:
     options.setdefault("num_blocks", 256)
     options.setdefault("block_size", 8)
     return LLM(make_config(arch, **(config_overrides or {})), tok, dtype="float32", device=device, **options)
@@ -58,7 +75,9 @@ def make_llm(arch: str = "llama", device: str = "cpu", tok=None, config_override
 def reference_model(llm: LLM):
     """A transformers model with the engine model's weights, on transformers' own eager attention."""
     model = llm.engine.model
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32, attn_implementation="eager")
+    ref = AutoModelForCausalLM.from_config(
+        copy.deepcopy(model.config), dtype=torch.float32, attn_implementation="eager"
+    )
     ref.load_state_dict(model.state_dict())
     return ref.to(model.device).eval()
 
@@ -66,9 +85,15 @@ def reference_model(llm: LLM):
 @torch.inference_mode()
 def hf_greedy(ref, prompt: list[int], max_new_tokens: int, eos: int | None = EOS) -> list[int]:
     ids = torch.tensor([prompt], device=ref.device)
-    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = ref.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def random_prompts(count: int, lengths: list[int] | None = None, seed: int = 0) -> list[list[int]]:
