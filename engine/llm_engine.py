@@ -261,6 +261,10 @@ class LLMEngine:
         self._records.append(record)
         self._totals.add(record)
 
+    def reset_stats(self) -> None:
+        """Start the run summary afresh (after a warm-up, say); pending step records are dropped."""
+        self._records, self._totals, self._started_at, self._last_gpu_end = [], StepTotals(), None, None
+
     def pop_step_records(self) -> list[StepRecord]:
         """Step records since the last call."""
         records, self._records = self._records, []
