@@ -115,10 +115,10 @@ def run_generation(
     engine = make_engine(cfg)
     builder = PromptBuilder(cfg.job.prompt, cfg.data, params, engine.tokenizer)
     sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds)
+    log.info("%s: writing %s (%d rows already committed)", cfg.job.name, out_dir, state.manifest.rows)
     stats = RunStats()
     progress = Progress(selected_count(source.num_rows(), cfg.data.limit, cfg.shard), cfg.runner.progress)
     max_in_flight = cfg.runner.max_in_flight or 2 * cfg.engine.max_num_seqs
-    log.info("%s: writing %s (%d rows already committed)", cfg.job.name, out_dir, state.manifest.rows)
     start = time.monotonic()
     rows = select_rows(source, cfg.data.limit, cfg.shard)
     requests = _requests(rows, builder, state.done_ids, stats, progress)

@@ -61,9 +61,9 @@ class Progress:
         self._last = now
         return True
 
-    def show(self, completion_tokens: int, running: int, kv_used: int, kv_total: int) -> None:
+    def show(self, generated_tokens: int, running: int, kv_used: int, kv_total: int) -> None:
         """Update the bar's postfix with the engine's state."""
-        rate = completion_tokens / max(time.monotonic() - self._start, 1e-9)
+        rate = generated_tokens / max(time.monotonic() - self._start, 1e-9)
         kv = 100 * kv_used / kv_total if kv_total else 0.0
         self.bar.set_postfix_str(f"{rate:.1f} tok/s, running {running}, KV {kv:.0f}%", refresh=False)
 

@@ -52,6 +52,7 @@ class Runner:
         self.progress = progress
         self.stats = stats
         self._in_flight: dict[str, _InFlight] = {}
+        self._decoded = 0  # tokens decoded so far, from the step records (for the live tokens/s)
 
     def run(self) -> RunStats:
         """Run until the requests are exhausted and all finished, or a stop signal arrives."""
@@ -74,10 +75,15 @@ class Runner:
         except BaseException:
             self._commit_after_failure()
             raise
-        self.sink.add_steps(self.engine.pop_step_records())
+        self._record_steps()
         self.sink.commit()
         self.stats.complete = exhausted and not self._in_flight and not self.stop.requested
         return self.stats
+
+    def _record_steps(self) -> None:
+        records = self.engine.pop_step_records()
+        self._decoded += sum(r.decode_tokens for r in records)
+        self.sink.add_steps(records)
 
     def _admit(self) -> bool:
         """Add requests until enough sequences are in flight; True when the request stream is exhausted."""

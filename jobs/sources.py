@@ -95,12 +95,9 @@ class HFSource:
 
         self.description = f"dataset {cfg.path!r} split {cfg.split!r}"
         try:
-            if os.path.isfile(os.path.join(cfg.path, "state.json")):
+            if any(os.path.isfile(os.path.join(cfg.path, f)) for f in ("state.json", "dataset_dict.json")):
                 ds = datasets.load_from_disk(cfg.path)
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds[cfg.split]
-                if cfg.streaming:
-                    ds = ds.to_iterable_dataset()
+                ds = ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
             else:
                 ds = datasets.load_dataset(
                     cfg.path, cfg.config_name, split=cfg.split, streaming=cfg.streaming
@@ -108,6 +105,8 @@ class HFSource:
         except Exception as e:
             raise JobError(f"cannot open {self.description}: {type(e).__name__}: {e}") from e
         self._total = self._known_length(ds, cfg.split)
+        if cfg.streaming and isinstance(ds, datasets.Dataset):
+            ds = ds.to_iterable_dataset()  # memory-mapped already; iterate it as a stream too
         self._columns = ds.column_names
         if columns is not None and self._columns is not None and set(columns) <= set(self._columns):
             ds = ds.select_columns(columns)
@@ -180,6 +179,9 @@ class ParquetSource:
                         index += 1
 
 
+COUNT_LINES_MAX_BYTES = 256 << 20
+
+
 class JsonlSource:
     """JSON Lines files (optionally gzipped), one object per line; a bad line becomes a row with an error."""
 
@@ -213,8 +215,17 @@ class JsonlSource:
         return list(self._first or {})
 
     def num_rows(self) -> int | None:
-        """Unknown without reading the files."""
-        return None
+        """Non-blank lines, counted when the files are plain text and small; None otherwise."""
+        if (
+            any(f.endswith(".gz") for f in self._files)
+            or sum(map(os.path.getsize, self._files)) > COUNT_LINES_MAX_BYTES
+        ):
+            return None
+        total = 0
+        for f in self._files:
+            with open(f, "rb") as fh:
+                total += sum(1 for line in fh if line.strip())
+        return total
 
     def __iter__(self) -> Iterator[SourceRow]:
         index = 0

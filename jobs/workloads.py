@@ -16,13 +16,36 @@ from transformers import LlamaConfig
 
 from engine import EngineConfig, LLMEngine, SamplingParams, build_random_model
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-LLAMA32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                  tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=2048, max_position_embeddings=1024)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+LLAMA32_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2048,
+    max_position_embeddings=1024,
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,9 @@ def run_engine(workload: Workload, model, mode: str, warmup: bool = True) -> Eng
     engine.runner.capture_graphs()
     if warmup:
         for i, (prompt, _) in enumerate(workload.requests()[:4]):
-            engine.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))
+            engine.add_request(
+                f"warmup-{i}", prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+            )
         while engine.has_unfinished_requests():
             engine.step()
     capture = time.perf_counter() - t1
@@ -118,9 +143,12 @@ def main(name: str = "w2", modes: tuple[str, ...] = ("async", "sync")) -> list[E
     for mode in modes:
         r = run_engine(workload, model, mode)
         results.append(r)
-        print(f"{name} {mode:5s} wall {r.wall_s:7.2f}s  {r.tokens_per_s:9.1f} tok/s  gpu_busy {r.gpu_busy:6.2%}  "
-              f"steps {r.steps}  tokens {r.generated_tokens}  startup {r.startup_s:.1f}s  capture {r.capture_s:.1f}s  "
-              f"peak {r.peak_memory_gb:.1f} GiB", flush=True)
+        print(
+            f"{name} {mode:5s} wall {r.wall_s:7.2f}s  {r.tokens_per_s:9.1f} tok/s  gpu_busy {r.gpu_busy:6.2%}  "
+            f"steps {r.steps}  tokens {r.generated_tokens}  startup {r.startup_s:.1f}s  capture {r.capture_s:.1f}s  "
+            f"peak {r.peak_memory_gb:.1f} GiB",
+            flush=True,
+        )
     return results
 
 

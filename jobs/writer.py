@@ -26,6 +26,7 @@ _ARROW_TYPES = {
     "list[int]": pa.list_(pa.int64()),
     "list[str]": pa.list_(pa.string()),
 }
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 SAMPLING_TYPE = pa.struct([(f.name, _ARROW_TYPES[f.type]) for f in dataclasses.fields(SamplingParams)])
 
 ROW_SCHEMA = pa.schema(
@@ -103,7 +104,7 @@ def _base_row(spec: RequestSpec, digest: str) -> dict[str, Any]:
         "row_index": spec.row_index,
         "prompt": spec.prompt,
         "messages": None if spec.messages is None else json.dumps(spec.messages, ensure_ascii=False),
-        "sampling": dataclasses.asdict(spec.params),
+        "sampling": {name: getattr(spec.params, name) for name in SAMPLING_FIELDS},
         "config_hash": digest,
     }
 
@@ -161,14 +162,17 @@ class OutputSink:
         self._last_commit = time.monotonic()
         if not self._rows and not self._steps:
             return
-        seq = self.manifest.next_seq
-        if self._rows:
-            name = f"shard-{seq:06d}.arrow"
-            write_stream(self.gen_dir / name, pa.Table.from_pylist(self._rows, schema=ROW_SCHEMA))
-            self.manifest.shards.append(ShardEntry(name, len(self._rows), self._sources))
-        if self._steps:
-            name = f"steps-{seq:06d}.arrow"
-            write_stream(self.steps_dir / name, pa.Table.from_pylist(self._steps, schema=STEP_SCHEMA))
-            self.manifest.steps.append(ShardEntry(name, len(self._steps)))
-        self.manifest.save()
+        # Take the buffers first: after a failure below, nothing is written twice (uncommitted rows are
+        # generated again by the next run).
+        rows, steps, sources = self._rows, self._steps, self._sources
         self._rows, self._steps, self._sources = [], [], 0
+        seq = self.manifest.next_seq
+        if rows:
+            name = f"shard-{seq:06d}.arrow"
+            write_stream(self.gen_dir / name, pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+            self.manifest.shards.append(ShardEntry(name, len(rows), sources))
+        if steps:
+            name = f"steps-{seq:06d}.arrow"
+            write_stream(self.steps_dir / name, pa.Table.from_pylist(steps, schema=STEP_SCHEMA))
+            self.manifest.steps.append(ShardEntry(name, len(steps)))
+        self.manifest.save()

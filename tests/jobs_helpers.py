@@ -155,7 +155,7 @@ class FakeEngine:
             ).digest()
             length = 1 + h[0] % params.max_new_tokens
             tokens = [3 + (h[j % 16] * 31 + j) % (self.vocab - 3) for j in range(length)]
-            self._waiting.append(_FakeSeq(request_id, i, list(prompt), params, tokens))
+            self._waiting.append(_FakeSeq(request_id, i, prompt, params, tokens))
 
     def step(self) -> list[CompletionOutput]:
         if self.record_unfinished:
