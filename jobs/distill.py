@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from jobs.config import RunConfig
-from jobs.generate import run_generation
+from jobs.generate import EngineFactory, load_engine, run_generation
 from jobs.progress import RunStats
 
 
-def run(cfg: RunConfig) -> RunStats:
+def run(cfg: RunConfig, make_engine: EngineFactory = load_engine) -> RunStats:
     """Run the distill job (logprobs are always recorded)."""
-    return run_generation(cfg, params=dataclasses.replace(cfg.job.sampling, logprobs=True))
+    return run_generation(
+        cfg, params=dataclasses.replace(cfg.job.sampling, logprobs=True), make_engine=make_engine
+    )

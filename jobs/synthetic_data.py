@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from jobs.config import RunConfig
-from jobs.generate import run_generation
+from jobs.generate import EngineFactory, load_engine, run_generation
 from jobs.progress import RunStats
 
 
-def run(cfg: RunConfig) -> RunStats:
+def run(cfg: RunConfig, make_engine: EngineFactory = load_engine) -> RunStats:
     """Run the synthetic_data job."""
-    return run_generation(cfg)
+    return run_generation(cfg, make_engine=make_engine)

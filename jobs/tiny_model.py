@@ -73,6 +73,7 @@ def write_model(spec: TinyModelSpec, out_dir: Path) -> None:
     """Write config, safetensors weights, generation config and tokenizer files into ``out_dir``."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     config = LlamaConfig(
         vocab_size=spec.vocab_size,
@@ -98,7 +99,13 @@ def write_model(spec: TinyModelSpec, out_dir: Path) -> None:
                 std = spec.lm_head_std if pname.startswith("lm_head") else spec.init_std
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     out_dir.mkdir(parents=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     GenerationConfig(eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id).save_pretrained(out_dir)
     for fname in TOKENIZER_FILES:
         shutil.copyfile(ASSETS_DIR / fname, out_dir / fname)
