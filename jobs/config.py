@@ -6,6 +6,7 @@ schemas, so a typo or a wrong type in any override is refused by Hydra before an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -136,8 +137,15 @@ class RunConfig:
 
 
 def path_name(path: str) -> str:
-    """The last component of a path or hub id (``Qwen/Qwen3-0.6B`` -> ``Qwen3-0.6B``), for run names."""
-    return path.rstrip("/").rsplit("/", 1)[-1] or "model"
+    """A folder-safe short name for a path, glob or hub id, for run names.
+
+    ``Qwen/Qwen3-0.6B`` -> ``Qwen3-0.6B``, ``data/*.parquet`` -> ``data``, ``/x/batch.jsonl`` -> ``batch``.
+    """
+    parts = [p for p in str(path).split("/") if p and not any(c in p for c in "*?[")]
+    name = parts[-1] if parts else "data"
+    for ext in (".gz", ".jsonl", ".json", ".parquet"):
+        name = name.removesuffix(ext)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "data"
 
 
 def register_configs() -> None:

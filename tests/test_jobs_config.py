@@ -10,7 +10,7 @@ from jobs_helpers import CONF_DIR, compose_config, run_cli
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from jobs import cli
-from jobs.config import GenerationJobConfig, SourceFormat, register_configs
+from jobs.config import GenerationJobConfig, SourceFormat, path_name, register_configs
 from jobs.errors import JobError
 
 
@@ -92,3 +92,27 @@ def test_cli_config_errors_exit_before_loading_anything(tmp_path):
     assert proc.returncode == cli.EXIT_ERROR
     assert "error: invalid config" in proc.stderr and "temperature must be >= 0" in proc.stderr
     assert not (tmp_path / "_models").exists(), "no model was built or loaded"
+
+
+@pytest.mark.parametrize(
+    "path,name",
+    [
+        ("Qwen/Qwen3-0.6B", "Qwen3-0.6B"),
+        ("/ckpt/llama-3-8b/", "llama-3-8b"),
+        ("data/*.parquet", "data"),
+        ("/x/batch.jsonl", "batch"),
+        ("prompts.jsonl.gz", "prompts"),
+        ("*.parquet", "data"),
+    ],
+)
+def test_run_names_from_paths_are_folder_safe(path, name):
+    assert path_name(path) == name
+
+
+def test_data_groups_name_the_run_after_the_source():
+    cfg = compose_config(["data=parquet", "data.path=/d/shards/*.parquet"])
+    assert (
+        cfg.data.format is SourceFormat.parquet and cfg.run_dir == "outputs/synthetic_data/tiny-chat-shards"
+    )
+    cfg = compose_config(["data=openai_batch", "data.path=requests.jsonl"])
+    assert cfg.data.id_column == "custom_id" and cfg.data.name == "requests"
