@@ -1,8 +1,10 @@
 """Run steps on the device: copy inputs in, fill carried-over tokens, forward, sample, copy outputs out.
 
 ``launch`` enqueues a step on the pipeline's streams and returns at once on CUDA; ``collect``
-waits for that step's outputs (a blocking event) and reads them. Decode-only steps replay a
-CUDA graph captured per slot and padded batch size, all graphs in one memory pool.
+waits for that step's outputs (a blocking event) and reads them. Every step, decode-only or
+mixed with prefill chunks, replays a CUDA graph captured per slot and padded token count (the
+paged-attention kernel takes any mix of sequences at a fixed token count), all graphs in one
+shared memory pool.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from transformers import PreTrainedModel
 from .attention import ForwardContext, set_forward_context
 from .io_slots import DeviceStep, IOSlot
 from .sampler import sample
-from .step_inputs import StepArrays
+from .step_inputs import MAX_SUPPRESS, StepArrays
 from .streams import Pipeline
 
 
@@ -29,9 +31,10 @@ class Launched:
     graph: bool
 
 
-def graph_batch_sizes(max_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_seqs + 1, 16))
-    return sorted({s for s in sizes if s <= max_seqs} | {max_seqs})
+def graph_token_sizes(max_tokens: int) -> list[int]:
+    """Padded token counts that get a CUDA graph: fine steps for decode-sized batches, coarser above."""
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(384, max_tokens + 1, 128))
+    return sorted({s for s in sizes if s <= max_tokens} | {max_tokens})
 
 
 class ModelRunner:
@@ -57,7 +60,8 @@ class ModelRunner:
         ]
         self.use_kernels = use_kernels
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and use_kernels
-        self.graph_sizes = graph_batch_sizes(max_seqs) if self.use_graphs else []
+        self.max_seqs = max_seqs
+        self.graph_sizes = graph_token_sizes(max_tokens) if self.use_graphs else []
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         self._next_slot = 0
@@ -71,7 +75,7 @@ class ModelRunner:
         self._next_slot ^= 1
         slot, prev = self.slots[index], self.slots[index ^ 1]
         padded = self._graph_size(a)
-        sizes = (padded, padded, padded) if padded else (a.num_tokens, a.num_seqs, a.num_sampled)
+        sizes = self._padded_sizes(padded) if padded else (a.num_tokens, a.num_seqs, a.num_sampled)
         slot.h2d_done.synchronize()  # this slot's host buffers are free once their last copy is done
         slot.load(a, *sizes)
         pipe = self.pipe
@@ -125,9 +129,14 @@ class ModelRunner:
         step.logprobs_out.copy_(logprobs)
 
     def _graph_size(self, a: StepArrays) -> int:
-        if not self.use_graphs or not a.is_decode_only or a.num_seqs > self.graph_sizes[-1]:
+        if not self.use_graphs or a.num_tokens > self.graph_sizes[-1]:
             return 0
-        return next(s for s in self.graph_sizes if s >= a.num_seqs)
+        return next(s for s in self.graph_sizes if s >= a.num_tokens)
+
+    def _padded_sizes(self, num_tokens: int) -> tuple[int, int, int]:
+        """Tokens, sequences and sampling rows of a graph: a step has at most one sequence per token."""
+        rows = min(num_tokens, self.max_seqs)
+        return num_tokens, rows, rows
 
     def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
         _, size, any_sampling, any_top_k_top_p, any_min_p = key
@@ -139,11 +148,10 @@ class ModelRunner:
             any_top_k_top_p=any_top_k_top_p,
             any_min_p=any_min_p,
         )
-        step = slot.device_step(size, size, size, shape, graph=True)
+        step = slot.device_step(*self._padded_sizes(size), shape, graph=True)
         stream = self.pipe.compute
-        self._forward_and_sample(
-            step, prev.dev_tokens
-        )  # warm-up (kernel autotuning, lazy init) outside capture
+        # Warm-up outside the capture: Triton compiles and lazy initialisation happen here.
+        self._forward_and_sample(step, prev.dev_tokens)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
             self._forward_and_sample(step, prev.dev_tokens)
@@ -152,7 +160,7 @@ class ModelRunner:
         self.graphs[key] = graph
 
     def capture_graphs(self) -> int:
-        """Capture the greedy decode graphs of every padded size for both slots, largest first."""
+        """Capture the greedy-sampling graph of every padded token count for both slots, largest first."""
         if not self.use_graphs:
             return 0
         with self.pipe.on(self.pipe.compute):
@@ -168,13 +176,13 @@ class ModelRunner:
 
     def _load_idle_step(self, slot: IOSlot, size: int) -> None:
         """Fill a slot's device buffers with a harmless padded step (every row a padding row)."""
+        _, rows, _ = self._padded_sizes(size)
         slot.dev_int.zero_()
         off = slot.offsets
+        arange = torch.arange(size, device=self.device)
         slot.dev_int[off["carry"] : off["carry"] + size].fill_(-1)
-        slot.dev_int[off["context_lens"] : off["context_lens"] + size].fill_(1)
-        slot.dev_int[off["query_seq"] : off["query_seq"] + size].copy_(torch.arange(size, device=self.device))
-        slot.dev_int[off["logits_indices"] : off["logits_indices"] + size].copy_(
-            torch.arange(size, device=self.device)
-        )
-        slot.dev_int[off["suppress"] : off["suppress"] + size * 16].fill_(-1)
+        slot.dev_int[off["context_lens"] : off["context_lens"] + rows].fill_(1)
+        slot.dev_int[off["query_seq"] : off["query_seq"] + size].copy_(arange.clamp(max=rows - 1))
+        slot.dev_int[off["logits_indices"] : off["logits_indices"] + rows].copy_(arange[:rows])
+        slot.dev_int[off["suppress"] : off["suppress"] + rows * MAX_SUPPRESS].fill_(-1)
         slot.dev_float.zero_()

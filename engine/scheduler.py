@@ -75,9 +75,9 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_batch_tokens
         kept: list[Sequence] = []
-        queue = list(self.running)
+        queue = deque(self.running)
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if want <= 0:
                 # Every token is in flight already (the async loop runs one step ahead).
@@ -125,7 +125,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free_seq(seq)
 
-    def _fit(self, seq: Sequence, want: int, preempt_from: list[Sequence], batch: ScheduledBatch) -> int:
+    def _fit(self, seq: Sequence, want: int, preempt_from: deque[Sequence], batch: ScheduledBatch) -> int:
         """Tokens of ``seq`` that can be scheduled, preempting the youngest others if needed."""
         while not self.blocks.can_grow(seq, seq.num_computed_tokens + want):
             n = self._tokens_that_fit(seq, want)
