@@ -90,6 +90,9 @@ class EngineResult:
     startup_s: float
     capture_s: float
     peak_memory_gb: float
+    mean_prep_ms: float = 0.0
+    mean_compute_ms: float = 0.0
+    graph_steps: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -126,11 +129,14 @@ def run_engine(workload: Workload, model, mode: str, warmup: bool = True) -> Eng
             generated += len(out.token_ids)
     wall = time.perf_counter() - start
     summary = engine.summary()
+    records = engine.pop_step_records()
+    prep = 1000 * sum(r.cpu_prep_s for r in records) / max(1, len(records))
+    compute = 1000 * sum(r.gpu_compute_s for r in records) / max(1, len(records))
     peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else 0.0
     engine.close()
     del engine
     gc.collect()
-    return EngineResult(mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak)
+    return EngineResult(mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak, prep, compute)
 
 
 def main(name: str = "w2", modes: tuple[str, ...] = ("async", "sync")) -> list[EngineResult]:
@@ -146,7 +152,7 @@ def main(name: str = "w2", modes: tuple[str, ...] = ("async", "sync")) -> list[E
         print(
             f"{name} {mode:5s} wall {r.wall_s:7.2f}s  {r.tokens_per_s:9.1f} tok/s  gpu_busy {r.gpu_busy:6.2%}  "
             f"steps {r.steps}  tokens {r.generated_tokens}  startup {r.startup_s:.1f}s  capture {r.capture_s:.1f}s  "
-            f"peak {r.peak_memory_gb:.1f} GiB",
+            f"peak {r.peak_memory_gb:.1f} GiB  prep {r.mean_prep_ms:.2f} ms/step  compute {r.mean_compute_ms:.2f} ms/step",
             flush=True,
         )
     return results
