@@ -38,6 +38,9 @@ def main(cfg: DictConfig) -> int:
     except Interrupted as e:
         log.error("%s (%s, exit status %d)", e, e.signal_name, e.exit_code)
         return e.exit_code
+    except KeyboardInterrupt:
+        log.error("stopped at once by a second signal; committed rows are kept (exit status 130)")
+        return 130
     except (JobError, NotImplementedError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

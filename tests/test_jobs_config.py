@@ -85,12 +85,16 @@ def test_benchmark_placeholder_says_it_is_not_implemented(capsys):
     assert "benchmark job (workload W1) is not implemented yet" in capsys.readouterr().err
 
 
-def test_cli_config_errors_exit_before_loading_anything(tmp_path):
+def test_cli_typo_exits_before_loading_anything(tmp_path):
     proc = run_cli(["job.sampling.temperatur=0.5", f"output_root={tmp_path}"])
-    assert proc.returncode == 1 and "job.sampling.temperatur" in proc.stderr
-    proc = run_cli(["job.sampling.temperature=-2", f"output_root={tmp_path}"])
-    assert proc.returncode == cli.EXIT_ERROR
-    assert "error: invalid config" in proc.stderr and "temperature must be >= 0" in proc.stderr
+    assert proc.returncode == 1 and "Could not override 'job.sampling.temperatur'" in proc.stderr
+    assert not (tmp_path / "_models").exists() and not (tmp_path / "synthetic_data").exists()
+
+
+def test_invalid_value_exits_with_status_2_and_a_message(tmp_path, capsys):
+    assert cli.main(compose_raw(["job.sampling.temperature=-2", f"output_root={tmp_path}"])) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "error: invalid config" in err and "temperature must be >= 0" in err
     assert not (tmp_path / "_models").exists(), "no model was built or loaded"
 
 
