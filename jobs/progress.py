@@ -65,7 +65,7 @@ class Progress:
         """Update the bar's postfix with the engine's state."""
         rate = generated_tokens / max(time.monotonic() - self._start, 1e-9)
         kv = 100 * kv_used / kv_total if kv_total else 0.0
-        self.bar.set_postfix_str(f"{rate:.1f} tok/s, running {running}, KV {kv:.0f}%", refresh=False)
+        self.bar.set_postfix_str(f"{rate:.1f} tok/s, running {running}, KV {kv:.1f}%", refresh=False)
 
     def close(self) -> None:
         """Close the bar."""

@@ -65,13 +65,11 @@ class Runner:
                     break
                 for out in self.engine.step():
                     self._collect(out)
-                self.sink.add_steps(self.engine.pop_step_records())
+                self._record_steps()
                 self.sink.maybe_commit()
                 if self.progress.due():
                     s = self.engine.stats()
-                    self.progress.show(
-                        self.stats.completion_tokens, s.running, s.kv_blocks_used, s.kv_blocks_total
-                    )
+                    self.progress.show(self._decoded, s.running, s.kv_blocks_used, s.kv_blocks_total)
         except BaseException:
             self._commit_after_failure()
             raise

