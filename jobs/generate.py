@@ -9,9 +9,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from engine.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from jobs import tiny_model
+from jobs.atomic import commit_file
 from jobs.config import RunConfig
 from jobs.errors import Interrupted, JobError
 from jobs.manifest import config_hash, open_run
@@ -25,6 +28,7 @@ from jobs.writer import OutputSink
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[RunConfig], Any]
+CONFIG_NAME = "config.yaml"  # the resolved config of the latest start that passed the checks
 
 
 def output_dir(cfg: RunConfig) -> Path:
@@ -112,6 +116,8 @@ def run_generation(
     fp = fingerprint(cfg, params)
     digest = config_hash(fp)
     state = open_run(out_dir, cfg.job.name, fp, cfg.overwrite)
+    config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
+    commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
     engine = make_engine(cfg)
     builder = PromptBuilder(cfg.job.prompt, cfg.data, params, engine.tokenizer)
     sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds)

@@ -67,7 +67,7 @@ def test_cli_default_job_writes_every_row(tmp_path, models_dir):
         "arrow", data_files=[str(p) for p in (out / "steps").glob("*.arrow")], split="train"
     )
     assert steps.num_rows > 0 and sum(steps["decode_tokens"]) > 0
-    assert (out / ".hydra" / "config.yaml").exists()
+    assert "builtin: tiny_chat" in (out / "config.yaml").read_text() and not (out / ".hydra").exists()
 
 
 def test_cli_distill_writes_logprobs(tmp_path, models_dir):

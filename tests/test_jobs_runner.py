@@ -160,6 +160,7 @@ def test_changed_config_is_refused_and_overwrite_starts_over(tmp_path):
     ):
         run_generation(config(tmp_path, "data.limit=4", "job.sampling.temperature=0.3"), make_engine=make)
     assert engines == [], "refused before the model loads"
+    assert "temperature: 0.8" in (output_dir(config(tmp_path)) / "config.yaml").read_text(), "config kept"
     cfg = config(tmp_path, "data.limit=4", "job.sampling.temperature=0.3", "overwrite=true")
     stats = run_generation(cfg, make_engine=make)
     assert stats.skipped_rows == 0 and stats.source_rows == 4
