@@ -9,6 +9,8 @@ launch has fixed shapes for a fixed token count, so it can be captured in a CUDA
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -33,6 +35,8 @@ if triton is not None:
         BlockTables,
         QuerySeq,
         Positions,
+        PartialMD,
+        PartialAcc,
         stride_qt,
         stride_qh,
         stride_ot,
@@ -51,9 +55,11 @@ if triton is not None:
         SOFTCAP: tl.constexpr,
         WINDOW: tl.constexpr,
         IEEE: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):
         t = tl.program_id(0)
         h = tl.program_id(1)
+        split = tl.program_id(2)
         seq = tl.load(QuerySeq + t)
         pos = tl.load(Positions + t)
         g = tl.arange(0, G_PAD)
@@ -71,9 +77,13 @@ if triton is not None:
         lo = 0
         if WINDOW:
             lo = tl.maximum(end - window, 0)
-        for start in range((lo // TILE) * TILE, end, TILE):
+        if SPLITS > 1:  # flash-decoding: this program takes one contiguous share of the keys
+            share = tl.cdiv(tl.cdiv(end - lo, SPLITS), TILE) * TILE
+            lo = lo + split * share
+            end = tl.minimum(end, lo + share)
+        for start in range(lo, end, TILE):
             kp = start + tl.arange(0, TILE)
-            ok = (kp < end) & (kp >= lo)
+            ok = kp < end
             block = tl.load(BlockTables + seq * stride_bt + kp // BS, mask=ok, other=0)
             slot = block.to(tl.int64) * BS + kp % BS
             kv_off = slot[:, None] * stride_slot + h * D + d[None, :]
@@ -96,12 +106,50 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        out = acc / denom[:, None]
-        tl.store(
-            Out + t * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=(g[:, None] < G) & d_ok[None, :],
-        )
+        heads = h * G + g
+        if SPLITS == 1:
+            out = acc / denom[:, None]
+            tl.store(
+                Out + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                out.to(Out.dtype.element_ty),
+                mask=(g[:, None] < G) & d_ok[None, :],
+            )
+        else:
+            # Partials: running max and denominator per head, unnormalised accumulator.
+            n_heads = tl.num_programs(1) * G
+            md = PartialMD + ((t * n_heads + heads) * SPLITS + split) * 2
+            tl.store(md, m, mask=g < G)
+            tl.store(md + 1, denom, mask=g < G)
+            tl.store(
+                PartialAcc + ((t * n_heads + heads) * SPLITS + split)[:, None] * D_PAD + d[None, :],
+                acc,
+                mask=g[:, None] < G,
+            )
+
+    @triton.jit
+    def _combine_splits_kernel(
+        PartialMD,
+        PartialAcc,
+        Out,
+        stride_ot,
+        stride_oh,
+        H,
+        D: tl.constexpr,
+        D_PAD: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, D_PAD)
+        base = (t * H + h) * SPLITS + sp
+        m = tl.load(PartialMD + base * 2)
+        denom = tl.load(PartialMD + base * 2 + 1)
+        acc = tl.load(PartialAcc + base[:, None] * D_PAD + d[None, :])
+        top = tl.max(m, axis=0)
+        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
+        tl.store(Out + t * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 
 def paged_attention(
@@ -123,11 +171,19 @@ def paged_attention(
     if num_tokens == 0:
         return out
     d_pad = triton.next_power_of_2(head_dim)
+    splits = _num_splits(num_tokens * kv_heads, query.device)
+    if splits > 1:
+        partial_md = torch.empty((num_tokens, heads, splits, 2), dtype=torch.float32, device=query.device)
+        partial_acc = torch.empty(
+            (num_tokens, heads, splits, d_pad), dtype=torch.float32, device=query.device
+        )
+    else:
+        partial_md = partial_acc = out
     tile = 64 if d_pad <= 128 else 32
     fp32 = query.dtype == torch.float32
     if fp32:
         tile = 32 if d_pad <= 64 else 16
-    _paged_attention_kernel[(num_tokens, kv_heads)](
+    _paged_attention_kernel[(num_tokens, kv_heads, splits)](
         query,
         k_cache,
         v_cache,
@@ -135,6 +191,8 @@ def paged_attention(
         meta.block_tables,
         meta.query_seq,
         meta.positions,
+        partial_md,
+        partial_acc,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -153,6 +211,33 @@ def paged_attention(
         SOFTCAP=bool(softcap),
         WINDOW=bool(sliding_window),
         IEEE=fp32,
+        SPLITS=splits,
         num_warps=4,
     )
+    if splits > 1:
+        _combine_splits_kernel[(num_tokens, heads)](
+            partial_md,
+            partial_acc,
+            out,
+            out.stride(0),
+            out.stride(1),
+            heads,
+            D=head_dim,
+            D_PAD=d_pad,
+            SPLITS=splits,
+        )
     return out
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(programs: int, device: torch.device) -> int:
+    """Split each query's keys over more programs when there are too few (query, KV head) pairs
+    to fill the GPU (decode at small batch, long contexts)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= 2 * sms:
+        return 1
+    return min(16, triton.next_power_of_2(-(-4 * sms // programs)))
