@@ -7,12 +7,11 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from engine.prompts import validate_messages
 from engine.sampling_params import SamplingParams
 from jobs.config import DataConfig, PromptConfig
 from jobs.errors import JobError
 from jobs.sources import SourceRow
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(slots=True)
@@ -150,23 +149,12 @@ class PromptBuilder:
         return text
 
     def _checked_messages(self, messages: Any) -> list[dict[str, Any]]:
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(
-                f"messages must be a non-empty list of {{role, content}}, got {type(messages).__name__}"
-            )
-        out = []
-        for i, m in enumerate(messages):
-            if (
-                not isinstance(m, dict)
-                or m.get("role") not in CHAT_ROLES
-                or not isinstance(m.get("content"), str)
-            ):
-                raise ValueError(
-                    f"message {i} must have a role in {CHAT_ROLES} and text content, got {m!r:.200}"
-                )
-            out.append({"role": m["role"], "content": m["content"]})
+        if not isinstance(messages, list):
+            raise ValueError(f"messages must be a list of {{role, content}}, got {type(messages).__name__}")
+        validate_messages(messages)  # the engine's own check; RequestError is a ValueError
+        out = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self.cfg.drop_trailing_assistant and out[-1]["role"] == "assistant":
             out.pop()
-        if not out or all(not m["content"].strip() for m in out if m["role"] != "system"):
+        if all(not m["content"].strip() for m in out if m["role"] not in ("system", "developer")):
             raise ValueError("messages have no content to answer")
         return out
