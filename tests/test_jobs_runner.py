@@ -173,3 +173,12 @@ def test_settings_that_do_not_change_rows_may_change_on_resume(tmp_path):
         tmp_path, "data.limit=6", "engine.max_num_seqs=3", "checkpoint.rows=1", "runner.max_in_flight=5"
     )
     assert run_generation(cfg, make_engine=fake_factory()[1]).skipped_rows == 4
+
+
+def test_checkpoint_every_n_seconds_commits_before_the_row_count_is_reached(tmp_path):
+    by_rows = config(tmp_path / "rows", "checkpoint.rows=1000", "checkpoint.seconds=3600")
+    run_generation(by_rows, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert len(Manifest.load(output_dir(by_rows) / MANIFEST_NAME).shards) == 1
+    by_time = config(tmp_path / "time", "checkpoint.rows=1000", "checkpoint.seconds=0")
+    run_generation(by_time, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert len(Manifest.load(output_dir(by_time) / MANIFEST_NAME).shards) > 10
