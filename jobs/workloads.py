@@ -136,7 +136,9 @@ def run_engine(workload: Workload, model, mode: str, warmup: bool = True) -> Eng
     engine.close()
     del engine
     gc.collect()
-    return EngineResult(mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak, prep, compute)
+    return EngineResult(
+        mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak, prep, compute
+    )
 
 
 def main(name: str = "w2", modes: tuple[str, ...] = ("async", "sync")) -> list[EngineResult]:
