@@ -262,7 +262,12 @@ class LLMEngine:
         self._totals.add(record)
 
     def reset_stats(self) -> None:
-        """Start the run summary afresh (after a warm-up, say); pending step records are dropped."""
+        """Start the run summary afresh on an idle engine (after a warm-up, say); step records are dropped."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("reset_stats needs an idle engine: requests are still running")
+        if self._in_flight is not None:  # the async loop's last step, computed one step ahead
+            self.runner.collect(self._in_flight.launched)
+            self._in_flight = None
         self._records, self._totals, self._started_at, self._last_gpu_end = [], StepTotals(), None, None
 
     def pop_step_records(self) -> list[StepRecord]:

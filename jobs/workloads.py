@@ -92,7 +92,7 @@ class EngineResult:
     peak_memory_gb: float
     mean_prep_ms: float = 0.0
     mean_compute_ms: float = 0.0
-    graph_steps: int = 0
+    records: list = field(default_factory=list, repr=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -136,9 +136,10 @@ def run_engine(workload: Workload, model, mode: str, warmup: bool = True) -> Eng
     engine.close()
     del engine
     gc.collect()
-    return EngineResult(
-        mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak, prep, compute
+    result = EngineResult(
+        mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak, prep, compute, records
     )
+    return result
 
 
 def main(name: str = "w2", modes: tuple[str, ...] = ("async", "sync")) -> list[EngineResult]:
