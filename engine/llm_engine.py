@@ -79,6 +79,7 @@ class LLMEngine:
         self._prev_rows: dict[int, int] = {}
         self._in_flight: _InFlight | None = None
         self._next_seq_id = 0
+        self._live_requests: dict[str, int] = {}
         self._unfinished = 0
         self._step_index = 0
         self._records: list[StepRecord] = []
@@ -98,6 +99,9 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         """Queue ``params.n`` samples of ``prompt``; raises RequestError if it can never be served."""
         params = params or SamplingParams()
+        request_id = str(request_id)
+        if request_id in self._live_requests:
+            raise RequestError(f"request id {request_id!r} is already in flight")
         ids = tokenize_prompt(prompt, self.tokenizer, self.vocab_size)
         total = len(ids) + params.max_new_tokens
         if total > self.max_model_len:
@@ -126,6 +130,7 @@ class LLMEngine:
             self._next_seq_id += 1
             self.scheduler.add(seq)
             self._unfinished += 1
+        self._live_requests[request_id] = params.n
 
     def has_unfinished_requests(self) -> bool:
         return self._unfinished > 0
@@ -222,6 +227,9 @@ class LLMEngine:
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         self.scheduler.finish(seq)
         self._unfinished -= 1
+        left = self._live_requests.pop(seq.request_id) - 1
+        if left:
+            self._live_requests[seq.request_id] = left
         text = seq.text
         if not stopped_by_string and self.detokenizer is not None:
             try:
@@ -256,6 +264,7 @@ class LLMEngine:
             kv_blocks_used=self.block_manager.num_used_blocks,
             kv_blocks_total=self.block_manager.num_usable_blocks,
             mode=self.mode,
+            preempted=len(batch.preempted),
         )
         self._step_index += 1
         self._records.append(record)

@@ -25,6 +25,7 @@ class StepRecord:
     kv_blocks_used: int
     kv_blocks_total: int
     mode: str
+    preempted: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

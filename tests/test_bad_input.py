@@ -52,3 +52,13 @@ def test_request_larger_than_the_whole_cache_is_rejected_at_submission():
 def test_unknown_llm_option_is_a_clear_error():
     with pytest.raises(TypeError, match="unknown LLM option.*max_batch_tokenz"):
         LLM(make_config("llama"), max_batch_tokenz=5)
+
+
+def test_request_id_already_in_flight_is_refused():
+    llm = make_llm("llama")
+    llm.engine.add_request("a", [5, 6, 7], SamplingParams(n=2, max_new_tokens=3))
+    with pytest.raises(RequestError, match="already in flight"):
+        llm.engine.add_request("a", [8, 9], SamplingParams(max_new_tokens=3))
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    llm.engine.add_request("a", [8, 9], SamplingParams(max_new_tokens=3))  # free again once finished
