@@ -30,7 +30,23 @@ _EXPORTS = {
     "validate_messages": "prompts",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "EngineStats",
+    "EngineConfig",
+    "ModelConfig",
+    "SamplingParams",
+    "CompletionOutput",
+    "RequestOutput",
+    "RequestError",
+    "ModelLoadError",
+    "build_random_model",
+    "RunSummary",
+    "StepRecord",
+    "validate_messages",
+]
+assert set(__all__) == set(_EXPORTS)
 
 
 def __getattr__(name: str):
