@@ -1,10 +1,34 @@
-"""Engine benchmark (workloads W1/W2 of DESIGN.md): a placeholder until it is built."""
+"""Engine benchmark job: ``python run.py job=benchmark bench=w1|w2|smoke``."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+from jobs.bench import run_benchmark
 from jobs.config import RunConfig
+from jobs.errors import JobError
+from jobs.workloads import WORKLOADS
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig) -> None:
-    """Refuse clearly: the benchmark job does not exist yet."""
-    raise NotImplementedError(f"the benchmark job (workload {cfg.job.workload}) is not implemented yet")
+    """Run the benchmark ``cfg.bench`` names and write its table, step records and reports into ``run_dir``."""
+    bench = cfg.bench
+    if bench is None:
+        raise JobError(f"choose a benchmark: bench=<{'|'.join(WORKLOADS)}>")
+    if bench.workload not in WORKLOADS:
+        known = ", ".join(WORKLOADS)
+        raise JobError(f"bench.workload: unknown workload {getattr(bench, 'workload', None)!r} (known: {known})")
+    bad = set(bench.modes) - {"async", "sync"}
+    if bad:
+        raise JobError(f"bench.modes: unknown engine mode(s) {sorted(bad)} (use async, sync)")
+    out_dir = Path(cfg.run_dir)
+    run_benchmark(
+        WORKLOADS[bench.workload], out_dir, modes=tuple(bench.modes),
+        transformers=tuple(bench.transformers) if bench.transformers is not None else None,
+        transformers_max_requests=bench.transformers_max_requests,
+        transformers_max_new_tokens=bench.transformers_max_new_tokens,
+    )
+    log.info("benchmark written to %s", out_dir)

@@ -88,10 +88,27 @@ class GenerationJobConfig:
 
 @dataclass
 class BenchmarkJobConfig:
-    """Placeholder for the benchmark job (W1/W2 workloads in DESIGN.md)."""
+    """The engine benchmark; what it runs is the ``bench`` group (``bench=w1|w2|smoke``)."""
 
     name: str = "benchmark"
-    workload: str = "W1"
+    run_name: str = "${oc.select:bench.workload,unnamed}"
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark: a workload of ``jobs/workloads.py``, our engine modes and transformers' configurations.
+
+    transformers' ``generate_batch`` takes one ``max_new_tokens`` for every request, and at its speed a
+    full W1 or W2 takes minutes: ``transformers_max_requests`` / ``transformers_max_new_tokens`` shorten
+    its run (compared by tokens/s). ``transformers: null`` runs every configuration it has.
+    """
+
+    workload: str = MISSING
+    modes: list[str] = field(default_factory=lambda: ["async", "sync"])
+    transformers: list[str] | None = None
+    transformers_max_requests: int | None = None
+    transformers_max_new_tokens: int | None = None
+    report: bool = True
 
 
 @dataclass
@@ -129,6 +146,7 @@ class RunConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    bench: BenchConfig | None = None
     output_root: str = "outputs"
     models_dir: str = MISSING
     run_name: str = MISSING
@@ -156,3 +174,4 @@ def register_configs() -> None:
     cs.store(name="run_config_schema", node=RunConfig)
     cs.store(group="job", name="generation_schema", node=GenerationJobConfig)
     cs.store(group="job", name="benchmark_schema", node=BenchmarkJobConfig)
+    cs.store(group="bench", name="bench_schema", node=BenchConfig)

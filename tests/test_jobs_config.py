@@ -80,9 +80,9 @@ def test_invalid_values_are_refused_before_the_model_loads(override, message):
     assert message in str(err.value)
 
 
-def test_benchmark_placeholder_says_it_is_not_implemented(capsys):
+def test_benchmark_without_a_bench_names_the_choices(capsys):
     assert cli.main(compose_raw(["job=benchmark"])) == cli.EXIT_ERROR
-    assert "benchmark job (workload W1) is not implemented yet" in capsys.readouterr().err
+    assert "choose a benchmark: bench=<w1|w2|smoke>" in capsys.readouterr().err
 
 
 def test_cli_typo_exits_before_loading_anything(tmp_path):
