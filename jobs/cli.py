@@ -15,7 +15,7 @@ from jobs.errors import Interrupted, JobError
 
 log = logging.getLogger(__name__)
 
-JOBS = ("synthetic_data", "distill", "benchmark")
+JOBS = ("synthetic_data", "distill", "benchmark", "report")
 EXIT_ERROR = 2
 
 

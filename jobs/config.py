@@ -112,6 +112,14 @@ class BenchConfig:
 
 
 @dataclass
+class ReportJobConfig:
+    """The timing report of a run's step records (``run_dir``); the timeline zooms on ``zoom_steps`` steps."""
+
+    name: str = "report"
+    zoom_steps: int = 40
+
+
+@dataclass
 class ShardConfig:
     """This process handles the source rows with ``row_index % count == index``."""
 
@@ -174,4 +182,5 @@ def register_configs() -> None:
     cs.store(name="run_config_schema", node=RunConfig)
     cs.store(group="job", name="generation_schema", node=GenerationJobConfig)
     cs.store(group="job", name="benchmark_schema", node=BenchmarkJobConfig)
+    cs.store(group="job", name="report_schema", node=ReportJobConfig)
     cs.store(group="bench", name="bench_schema", node=BenchConfig)
