@@ -33,6 +33,8 @@ def write_report(
 ) -> ReportSummary:
     """Write ``<prefix>report.md``/``.json`` and, with matplotlib, ``<prefix>timeline.png`` and
     ``<prefix>batch_kv.png`` for the steps in ``step_files`` into ``out_dir``; return the summary."""
+    if zoom_steps < 1:
+        raise JobError(f"zoom_steps must be at least 1, got {zoom_steps}")
     out_dir = Path(out_dir)
     timeline = build_timeline(read_steps([Path(p) for p in step_files]))
     if timeline.num_steps == 0:

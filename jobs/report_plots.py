@@ -82,58 +82,69 @@ def _shaded_lanes(ax: Any, tl: Timeline, edges: np.ndarray) -> None:
 def plot_timeline(tl: Timeline, summary: ReportSummary, out: BinaryIO, zoom_steps: int = 40) -> None:
     """Write the two-lane timeline PNG of ``tl`` to ``out``."""
     fig, (zoom, whole, busy) = _figure(3, 9)
-    fig.suptitle(
-        f"{summary.title} ({', '.join(summary.modes)}): GPU busy {summary.gpu_busy:.1%} over {summary.steps:,} steps"
-    )
-
+    modes = ", ".join(summary.modes)
+    fig.suptitle(f"{summary.title} ({modes}): GPU busy {summary.gpu_busy:.1%} over {summary.steps:,} steps")
     w = zoom_window(tl, zoom_steps)
-    t0 = tl.cpu_start[w.start]
-    ms = 1000.0
+    _zoom_panel(zoom, tl, w)
+    _whole_panel(whole, tl, w)
+    _busy_panel(busy, tl, summary.gpu_busy)
+    fig.savefig(out, format="png", dpi=100)
+
+
+def _zoom_panel(ax: Any, tl: Timeline, w: slice) -> None:
+    """The steps of ``w`` bar by bar, in milliseconds, with the GPU's idle gaps marked."""
+    t0, ms = tl.cpu_start[w.start], 1000.0
     gap_start, gap_end = tl.gpu_end[w.start : w.stop - 1], tl.gpu_start[w.start + 1 : w.stop]
     gaps = gap_end > gap_start
-    zoom.broken_barh(
+    ax.broken_barh(
         list(zip((gap_start[gaps] - t0) * ms, (gap_end - gap_start)[gaps] * ms, strict=True)),
         (LANES["GPU compute"] - 0.35, 0.7),
         color=IDLE_COLOR,
         label="GPU idle",
     )
-    _lanes(
-        zoom,
-        ((tl.cpu_start[w] - t0) * ms, (tl.cpu_end[w] - t0) * ms),
-        ((tl.gpu_start[w] - t0) * ms, (tl.gpu_end[w] - t0) * ms),
-        edges=True,
-    )
-    first, last = int(tl.cols.values["step"][w.start]), int(tl.cols.values["step"][w.stop - 1])
-    zoom.set_title(f"steps {first}..{last} (zoomed)")
-    zoom.set_xlabel(f"ms from {t0:.3f} s")
-    zoom.legend(loc="upper right", fontsize="small")
+    cpu = ((tl.cpu_start[w] - t0) * ms, (tl.cpu_end[w] - t0) * ms)
+    _lanes(ax, cpu, ((tl.gpu_start[w] - t0) * ms, (tl.gpu_end[w] - t0) * ms), edges=True)
+    step = tl.cols.values["step"]
+    ax.set_title(f"steps {int(step[w.start])}..{int(step[w.stop - 1])} (zoomed)")
+    ax.set_xlabel(f"ms from {t0:.3f} s")
+    ax.legend(loc="upper right", fontsize="small")
 
+
+def _whole_panel(ax: Any, tl: Timeline, w: slice) -> None:
+    """Both lanes over the whole run, the zoomed window outlined, engine restarts dashed."""
     span = max(tl.wall_s, 1e-9)
-    _shaded_lanes(whole, tl, np.linspace(0, span, PIXELS + 1))
-    whole.axvspan(
-        t0, tl.gpu_end[w.stop - 1], facecolor="none", edgecolor="orange", linewidth=2, label="zoomed window"
+    _shaded_lanes(ax, tl, np.linspace(0, span, PIXELS + 1))
+    ax.axvspan(
+        tl.cpu_start[w.start],
+        tl.gpu_end[w.stop - 1],
+        facecolor="none",
+        edgecolor="orange",
+        linewidth=2,
+        label="zoomed window",
     )
     for x in tl.segment_starts[1:]:
-        whole.axvline(x, color="black", linestyle="--", linewidth=1)
-    whole.set_title(
-        "whole run (shade: share of each pixel's time the lane is busy; dashed: an engine restart)"
-    )
-    whole.set_xlim(0, span)
-    whole.legend(loc="upper right", fontsize="small")
+        ax.axvline(x, color="black", linestyle="--", linewidth=1)
+    ax.set_title("whole run (shade: share of each pixel's time the lane is busy; dashed: an engine restart)")
+    ax.set_xlim(0, span)
+    ax.legend(loc="upper right", fontsize="small")
 
+
+def _busy_panel(ax: Any, tl: Timeline, gpu_busy: float) -> None:
+    """The share of time each lane is busy, per time bin (about four steps a bin, at most 300 bins)."""
+    span = max(tl.wall_s, 1e-9)
     edges = np.linspace(0, span, int(np.clip(tl.num_steps // 4, 1, 300)) + 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    busy.plot(
-        centers, 100 * busy_per_bin(tl.gpu_start, tl.gpu_end, edges), color=GPU_COLOR, label="GPU compute"
-    )
-    busy.plot(centers, 100 * busy_per_bin(tl.cpu_start, tl.cpu_end, edges), color=CPU_COLOR, label="CPU prep")
-    busy.axhline(100 * summary.gpu_busy, color=GPU_COLOR, linestyle=":", label="GPU busy, whole run")
-    busy.set_ylim(0, 105)
-    busy.set_xlim(0, span)
-    busy.set_ylabel("% of time busy")
-    busy.set_xlabel("run time (s)")
-    busy.legend(loc="lower right", fontsize="small")
-    fig.savefig(out, format="png", dpi=100)
+    for start, end, label, color in (
+        (tl.gpu_start, tl.gpu_end, "GPU compute", GPU_COLOR),
+        (tl.cpu_start, tl.cpu_end, "CPU prep", CPU_COLOR),
+    ):
+        ax.plot(centers, 100 * busy_per_bin(start, end, edges), color=color, label=label)
+    ax.axhline(100 * gpu_busy, color=GPU_COLOR, linestyle=":", label="GPU busy, whole run")
+    ax.set_ylim(0, 105)
+    ax.set_xlim(0, span)
+    ax.set_ylabel("% of time busy")
+    ax.set_xlabel("run time (s)")
+    ax.legend(loc="lower right", fontsize="small")
 
 
 def _binned(x: np.ndarray, ys: list[np.ndarray], span: float) -> tuple[np.ndarray, list[np.ndarray]]:

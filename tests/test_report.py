@@ -167,6 +167,9 @@ def test_no_step_records_or_other_files_are_refused(tmp_path):
     write_stream(tmp_path / "rows.arrow", pa.table({"id": ["a"]}))
     with pytest.raises(JobError, match="missing columns"):
         report.write_report([tmp_path / "rows.arrow"], tmp_path, "x")
+    rows, _ = simulate("sync", 5)
+    with pytest.raises(JobError, match="zoom_steps"):
+        report.write_report([write_steps(tmp_path / "steps.arrow", rows)], tmp_path, "x", zoom_steps=0)
     (tmp_path / "junk.arrow").write_bytes(b"not arrow")
     with pytest.raises(JobError, match="cannot read"):
         report.write_report([tmp_path / "junk.arrow"], tmp_path, "x")
