@@ -12,10 +12,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jobs.config import RunConfig
 from jobs.errors import Interrupted, JobError
+from jobs.requeue import hand_over
 
 log = logging.getLogger(__name__)
 
-JOBS = ("synthetic_data", "distill", "benchmark", "report")
+JOBS = ("synthetic_data", "distill", "benchmark", "report", "merge")
 EXIT_ERROR = 2
 
 
@@ -37,6 +38,7 @@ def main(cfg: DictConfig) -> int:
         importlib.import_module(f"jobs.{run_cfg.job.name}").run(run_cfg)
     except Interrupted as e:
         log.error("%s (%s, exit status %d)", e, e.signal_name, e.exit_code)
+        hand_over(e.signum)
         return e.exit_code
     except KeyboardInterrupt:
         log.error("stopped at once by a second signal; committed rows are kept (exit status 130)")

@@ -121,10 +121,20 @@ class ReportJobConfig:
 
 @dataclass
 class ShardConfig:
-    """This process handles the source rows with ``row_index % count == index``."""
+    """This process handles the source rows with ``row_index % count == index``.
 
-    index: int = 0
-    count: int = 1
+    Unset (null) fields are taken from Slurm's array or task variables when present, else 0 / 1.
+    """
+
+    index: int | None = None
+    count: int | None = None
+
+
+@dataclass
+class MergeJobConfig:
+    """Check that every shard of ``run_dir`` is complete and present the run as one dataset."""
+
+    name: str = "merge"
 
 
 @dataclass
@@ -178,9 +188,15 @@ def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (the YAML files under ``conf/`` extend them)."""
     if not OmegaConf.has_resolver("path_name"):
         OmegaConf.register_new_resolver("path_name", path_name)
+    from jobs.shards import dir_resolver, subdir_resolver
+
+    if not OmegaConf.has_resolver("shard_dir"):
+        OmegaConf.register_new_resolver("shard_dir", dir_resolver)
+        OmegaConf.register_new_resolver("shard_subdir", subdir_resolver)
     cs = ConfigStore.instance()
     cs.store(name="run_config_schema", node=RunConfig)
     cs.store(group="job", name="generation_schema", node=GenerationJobConfig)
     cs.store(group="job", name="benchmark_schema", node=BenchmarkJobConfig)
     cs.store(group="job", name="report_schema", node=ReportJobConfig)
     cs.store(group="bench", name="bench_schema", node=BenchConfig)
+    cs.store(group="job", name="merge_schema", node=MergeJobConfig)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,10 +19,11 @@ from jobs import tiny_model
 from jobs.atomic import commit_file
 from jobs.config import RunConfig
 from jobs.errors import Interrupted, JobError
-from jobs.manifest import config_hash, open_run
+from jobs.manifest import config_hash, finished_run, open_run
 from jobs.progress import Progress, RunStats
 from jobs.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
 from jobs.runner import Runner
+from jobs.shards import resolve_shard, shard_map, shard_path
 from jobs.signals import StopSignal
 from jobs.sources import SourceRow, open_source, select_rows, selected_count
 from jobs.writer import OutputSink
@@ -33,22 +36,14 @@ CONFIG_NAME = "config.yaml"  # the resolved config of the latest start that pass
 
 def output_dir(cfg: RunConfig) -> Path:
     """Where this process writes: ``run_dir``, or a per-shard subfolder when the job is split."""
-    base = Path(cfg.run_dir)
-    if cfg.shard.count == 1:
-        return base
-    return base / f"shard-{cfg.shard.index:05d}-of-{cfg.shard.count:05d}"
-
-
-def check_shard(cfg: RunConfig) -> None:
-    """Fail at start on an impossible shard setting."""
-    if cfg.shard.count < 1 or not 0 <= cfg.shard.index < cfg.shard.count:
-        raise JobError(
-            f"shard.index must be in [0, shard.count), got index={cfg.shard.index} count={cfg.shard.count}"
-        )
+    return shard_path(cfg.run_dir, resolve_shard(cfg.shard))
 
 
 def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
-    """The settings that decide the output rows; a resumed run must match them."""
+    """The settings that decide the output rows (the same for every shard of a run); a resumed run must match them.
+
+    Which rows a shard owns is recorded apart, in the manifest's shard map.
+    """
     m = cfg.model
     if m.builtin:
         model = {"builtin": m.builtin, "key": tiny_model.spec_key(tiny_model.BUILTIN_MODELS[m.builtin])}
@@ -69,7 +64,6 @@ def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
             "messages_column": d.messages_column,
             "id_column": d.id_column,
         },
-        "shard": dataclasses.asdict(cfg.shard),
         "engine_seed": cfg.engine.seed,
     }
 
@@ -108,20 +102,35 @@ def run_generation(
 ) -> RunStats:
     """Generate ``params.n`` rows per source row into ``output_dir(cfg)``, resuming what is committed there."""
     params = params or cfg.job.sampling
-    check_shard(cfg)
+    cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
     columns = input_columns(cfg.job.prompt, cfg.data)
     source = open_source(cfg.data, columns)
     check_columns(columns, source.columns(), source.description)
     out_dir = output_dir(cfg)
     fp = fingerprint(cfg, params)
     digest = config_hash(fp)
-    state = open_run(out_dir, cfg.job.name, fp, cfg.overwrite)
+    rows_map = shard_map(cfg.shard, source.files())
+    done = None if cfg.overwrite else finished_run(out_dir, digest, rows_map, cfg.data.limit)
+    if done is not None:
+        log.info("%s: %s is complete (%d rows); nothing to do", cfg.job.name, out_dir, done.rows)
+        return RunStats(skipped_rows=done.sources, complete=True)
+    state = open_run(out_dir, cfg.job.name, fp, cfg.overwrite, rows_map, cfg.data.limit)
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
     engine = make_engine(cfg)
     builder = PromptBuilder(cfg.job.prompt, cfg.data, params, engine.tokenizer)
     sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds)
-    log.info("%s: writing %s (%d rows already committed)", cfg.job.name, out_dir, state.manifest.rows)
+    log.info(
+        "%s: writing %s (shard.index=%d shard.count=%d, attempt %d, %d rows already committed; pid %d on %s)",
+        cfg.job.name,
+        out_dir,
+        cfg.shard.index,
+        cfg.shard.count,
+        state.manifest.attempts,
+        state.manifest.rows,
+        os.getpid(),
+        socket.gethostname(),
+    )
     stats = RunStats()
     progress = Progress(selected_count(source.num_rows(), cfg.data.limit, cfg.shard), cfg.runner.progress)
     max_in_flight = cfg.runner.max_in_flight or 2 * cfg.engine.max_num_seqs

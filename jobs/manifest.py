@@ -45,7 +45,11 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
-    """What a run directory holds: the config it was made with and the committed shards."""
+    """What a run directory holds: the config it was made with, the rows it owns and the committed shards.
+
+    ``complete`` is the completion marker: every row selected by ``shard_map`` and ``limit`` (the
+    ``data.limit`` of the attempt that finished; None for the whole source) is committed.
+    """
 
     path: Path
     job: str
@@ -55,11 +59,22 @@ class Manifest:
     steps: list[ShardEntry] = field(default_factory=list)
     attempts: int = 0
     complete: bool = False
+    shard_map: dict[str, Any] | None = None
+    limit: int | None = None
 
     @property
     def rows(self) -> int:
         """Rows committed so far."""
         return sum(s.rows for s in self.shards)
+
+    @property
+    def sources(self) -> int:
+        """Source rows committed so far."""
+        return sum(s.sources for s in self.shards)
+
+    def covers(self, limit: int | None) -> bool:
+        """Whether this run is complete for ``data.limit=limit`` (a complete run covers any smaller limit)."""
+        return self.complete and (self.limit is None or (limit is not None and limit <= self.limit))
 
     @property
     def next_seq(self) -> int:
@@ -121,8 +136,36 @@ class ResumeState:
     done_ids: set[str]
 
 
-def open_run(out_dir: Path, job: str, fingerprint: dict[str, Any], overwrite: bool) -> ResumeState:
-    """Prepare ``out_dir`` for a run: start fresh, or resume after checking the config and recovering shards."""
+def finished_run(out_dir: Path, digest: str, shard_map: dict[str, Any], limit: int | None) -> Manifest | None:
+    """The manifest of ``out_dir`` if it completed these rows with this config and shard map (read only), else None."""
+    try:
+        manifest = Manifest.load(out_dir / MANIFEST_NAME)
+    except JobError:
+        return None
+    if manifest is None or manifest.config_hash != digest or manifest.shard_map != shard_map:
+        return None
+    return manifest if manifest.covers(limit) and _intact(out_dir, manifest) else None
+
+
+def _intact(out_dir: Path, manifest: Manifest) -> bool:
+    """Whether the shard files on disk are exactly those the manifest lists (else recovery has work to do)."""
+    for name, entries in ((GENERATIONS_DIR, manifest.shards), (STEPS_DIR, manifest.steps)):
+        directory = out_dir / name
+        on_disk = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+        if on_disk != {e.file for e in entries}:
+            return False
+    return True
+
+
+def open_run(
+    out_dir: Path,
+    job: str,
+    fingerprint: dict[str, Any],
+    overwrite: bool,
+    shard_map: dict[str, Any] | None = None,
+    limit: int | None = None,
+) -> ResumeState:
+    """Prepare ``out_dir`` for a run: start fresh, or resume after checking the config, the shard map and recovering shards."""
     gen_dir, steps_dir = out_dir / GENERATIONS_DIR, out_dir / STEPS_DIR
     manifest_path = out_dir / MANIFEST_NAME
     if overwrite:
@@ -134,12 +177,21 @@ def open_run(out_dir: Path, job: str, fingerprint: dict[str, Any], overwrite: bo
     digest = config_hash(fingerprint)
     manifest = Manifest.load(manifest_path)
     if manifest is None:
-        manifest = Manifest(path=manifest_path, job=job, config_hash=digest, fingerprint=fingerprint)
+        manifest = Manifest(
+            path=manifest_path, job=job, config_hash=digest, fingerprint=fingerprint, shard_map=shard_map
+        )
     elif manifest.config_hash != digest:
         changes = describe_changes(manifest.fingerprint, fingerprint)
         raise JobError(
             f"{out_dir} holds outputs made with a different config ({'; '.join(changes) or 'config hash differs'}). "
             "Resuming would mix them: pass overwrite=true to start over, or choose another run_dir=..."
+        )
+    elif manifest.shard_map != shard_map:
+        changes = describe_changes(manifest.shard_map or {}, shard_map or {})
+        raise JobError(
+            f"{out_dir} holds the rows of a different shard map ({'; '.join(changes)}): the shard count or the "
+            "source's files changed. Resuming would lose or repeat rows: pass overwrite=true to start over, "
+            "or choose another run_dir=..."
         )
     for d in (gen_dir, steps_dir):
         for p in remove_temporaries(d):
@@ -149,6 +201,7 @@ def open_run(out_dir: Path, job: str, fingerprint: dict[str, Any], overwrite: bo
     manifest.steps = _recover(steps_dir, manifest.steps, None, None)
     manifest.attempts += 1
     manifest.complete = False
+    manifest.limit = limit
     manifest.save()
     return ResumeState(manifest, done_ids)
 

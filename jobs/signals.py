@@ -1,11 +1,16 @@
-"""Graceful stop on SIGTERM / SIGINT: the first signal asks the run to stop, a second one stops it at once."""
+"""Graceful stop: the first stop signal asks the run to stop, a second one stops it at once.
+
+SIGTERM and SIGINT (kill, Ctrl-C, Slurm's cancel or preemption) and SIGUSR1 / SIGUSR2 (what Slurm's
+``--signal`` and submitit send before a time limit or on preemption) all stop admitting requests and
+commit what has finished; ``jobs.requeue`` then hands a preempted task back to its launcher.
+"""
 
 from __future__ import annotations
 
 import signal
 from types import FrameType, TracebackType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopSignal:

@@ -41,6 +41,9 @@ class Source(Protocol):
     def num_rows(self) -> int | None:
         """Row count when known without reading the rows."""
 
+    def files(self) -> list[tuple[str, int | None]]:
+        """What the rows are read from, in order, with sizes: the input of the shard map."""
+
     def __iter__(self) -> Iterator[SourceRow]: ...
 
 
@@ -87,6 +90,11 @@ def resolve_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     return files
 
 
+def file_sizes(files: list[str]) -> list[tuple[str, int | None]]:
+    """Each file with its size in bytes."""
+    return [(f, os.path.getsize(f)) for f in files]
+
+
 class HFSource:
     """A Hugging Face ``datasets`` dataset: hub id, local dataset folder or ``save_to_disk`` folder."""
 
@@ -111,6 +119,7 @@ class HFSource:
         if columns is not None and self._columns is not None and set(columns) <= set(self._columns):
             ds = ds.select_columns(columns)
         self._ds = ds
+        self._name = f"{cfg.path}:{cfg.config_name or ''}:{cfg.split}"
 
     @staticmethod
     def _known_length(ds: Any, split: str) -> int | None:
@@ -131,6 +140,10 @@ class HFSource:
     def num_rows(self) -> int | None:
         """Row count from the dataset (or its split info when streamed)."""
         return self._total
+
+    def files(self) -> list[tuple[str, int | None]]:
+        """The dataset (path, config, split) with its row count when known: its files are the library's business."""
+        return [(self._name, self._total)]
 
     def __iter__(self) -> Iterator[SourceRow]:
         for i, row in enumerate(self._ds):
@@ -166,6 +179,10 @@ class ParquetSource:
     def num_rows(self) -> int | None:
         """Total rows from the files' metadata."""
         return self._total
+
+    def files(self) -> list[tuple[str, int | None]]:
+        """The parquet files, sorted, with their sizes."""
+        return file_sizes(self._files)
 
     def __iter__(self) -> Iterator[SourceRow]:
         import pyarrow.parquet as pq
@@ -213,6 +230,10 @@ class JsonlSource:
     def columns(self) -> list[str] | None:
         """Keys of the first record (later records may lack some; those rows get an error)."""
         return list(self._first or {})
+
+    def files(self) -> list[tuple[str, int | None]]:
+        """The JSON Lines files, sorted, with their sizes."""
+        return file_sizes(self._files)
 
     def num_rows(self) -> int | None:
         """Non-blank lines, counted when the files are plain text and small; None otherwise."""

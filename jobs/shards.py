@@ -1,0 +1,100 @@
+"""Which part of the source this process handles: ``shard.index`` / ``shard.count``, Slurm's variables, the shard map.
+
+Row ``r`` of the source (its position in the concatenation of the source's sorted file list) goes
+to shard ``r % count``. The map is therefore a pure function of (index, count, file list); the
+manifest records it (with a digest of the file list) so that a resume over other files is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jobs.config import ShardConfig
+from jobs.errors import JobError
+
+SHARD_RULE = "row_index % count == index"
+SHARD_DIR_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+
+
+def shard_subdir(index: int, count: int) -> str:
+    """The folder of one shard inside the run directory."""
+    return f"shard-{index:05d}-of-{count:05d}"
+
+
+def shard_path(run_dir: str | Path, shard: ShardConfig) -> Path:
+    """Where a resolved shard writes: ``run_dir`` itself when the job is not split."""
+    base = Path(run_dir)
+    return base if shard.count == 1 else base / shard_subdir(shard.index, shard.count)
+
+
+def slurm_shard(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(index, count) from Slurm's array task and task rank variables, or None outside a split Slurm job.
+
+    An array of A tasks, each with T srun tasks, makes A x T shards. Inside a task started by
+    submitit (Hydra's submitit launcher), the array is Hydra's sweep, so only the task rank counts.
+    """
+    array_index, array_count = 0, 1
+    if "SLURM_ARRAY_TASK_ID" in env and "SUBMITIT_EXECUTOR" not in env:
+        task = int(env["SLURM_ARRAY_TASK_ID"])
+        low = int(env.get("SLURM_ARRAY_TASK_MIN", task))
+        high = int(env.get("SLURM_ARRAY_TASK_MAX", task))
+        array_count = int(env.get("SLURM_ARRAY_TASK_COUNT", high - low + 1))
+        if high - low + 1 != array_count:
+            raise JobError(
+                f"the Slurm array ({low}-{high}, {array_count} tasks) is not a contiguous range of ids: "
+                "submit it as --array=0-<N-1>, or pass shard.index and shard.count"
+            )
+        array_index = task - low
+    rank, ranks = int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_NTASKS", 1))
+    if array_count == 1 and ranks == 1:
+        return None
+    return array_index * ranks + rank, array_count * ranks
+
+
+def resolve_shard(shard: ShardConfig, env: Mapping[str, str] | None = None) -> ShardConfig:
+    """``shard`` with unset fields taken from Slurm's variables (else index 0, count 1); JobError if impossible."""
+    env = os.environ if env is None else env
+    from_env = slurm_shard(env) if shard.index is None or shard.count is None else None
+    index, count = from_env or (0, 1)
+    resolved = ShardConfig(
+        index=index if shard.index is None else shard.index,
+        count=count if shard.count is None else shard.count,
+    )
+    if resolved.count < 1 or not 0 <= resolved.index < resolved.count:
+        raise JobError(
+            f"shard.index must be in [0, shard.count), got index={resolved.index} count={resolved.count}"
+        )
+    return resolved
+
+
+def shard_map(shard: ShardConfig, files: list[tuple[str, int | None]]) -> dict[str, Any]:
+    """The record of which rows a shard owns: the rule, index, count and a digest of the source's file list."""
+    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    return {
+        "rule": SHARD_RULE,
+        "index": shard.index,
+        "count": shard.count,
+        "files": len(files),
+        "files_sha256": digest,
+    }
+
+
+def subdir_resolver(index: int | None, count: int | None) -> str:
+    """Hydra resolver ``${shard_subdir:${shard.index},${shard.count}}``: the shard's folder name, ``.`` if unsplit."""
+    try:
+        shard = resolve_shard(ShardConfig(index, count))
+    except JobError:
+        return "."  # the job reports the problem itself, with a clear message
+    return "." if shard.count == 1 else shard_subdir(shard.index, shard.count)
+
+
+def dir_resolver(run_dir: str, index: int | None, count: int | None) -> str:
+    """Hydra resolver ``${shard_dir:${run_dir},${shard.index},${shard.count}}``: the shard's output folder."""
+    subdir = subdir_resolver(index, count)
+    return run_dir if subdir == "." else f"{run_dir}/{subdir}"
