@@ -163,7 +163,9 @@ class LLMEngine:
             self._prev_rows = {
                 it.seq.seq_id: row for row, it in enumerate(it for it in batch.items if it.sample)
             }
-            current = _InFlight(batch, launched, wall, time.perf_counter() - started)
+            current = _InFlight(
+                batch, launched, wall, time.perf_counter() - started - launched.inline_compute_s
+            )
         else:
             current = None
         finished: list[CompletionOutput] = []

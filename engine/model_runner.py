@@ -29,6 +29,8 @@ class Launched:
     slot: int
     num_rows: int
     graph: bool
+    inline_compute_s: float = 0.0
+    """Time the forward pass took inside ``launch`` (on CPU it runs there; on CUDA it is only enqueued)."""
 
 
 def graph_token_sizes(max_tokens: int) -> list[int]:
@@ -94,11 +96,12 @@ class ModelRunner:
             else:
                 self._forward_and_sample(slot.device_step(*sizes, a, graph=False), prev.dev_tokens)
             slot.compute_done.record()
+        inline = 0.0 if pipe.cuda else slot.compute_start.elapsed_time(slot.compute_done) / 1000
         with pipe.on(pipe.d2h):
             pipe.d2h.wait_event(slot.compute_done)
             slot.copy_to_host(a.num_sampled)
             slot.d2h_done.record()
-        return Launched(index, a.num_sampled, bool(padded))
+        return Launched(index, a.num_sampled, bool(padded), inline)
 
     def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
         """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""

@@ -21,6 +21,7 @@ from engine import build_random_model
 
 from .floor import measure_copy_bandwidth, workload_floor
 from .hf_baseline import CONFIGS, run_transformers
+from .report import write_report
 from .workloads import Workload, run_engine
 
 COLUMNS = [
@@ -46,8 +47,9 @@ def run_benchmark(
     transformers: tuple[str, ...] | None = None,
     transformers_max_requests: int | None = None,
     transformers_max_new_tokens: int | None = None,
+    report: bool = True,
 ) -> dict:
-    """Run everything, write ``benchmark.json``, ``benchmark.arrow`` and per-mode step records; return the summary."""
+    """Run everything; write ``benchmark.json``, ``benchmark.arrow``, per-mode step records and timing reports."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -63,6 +65,13 @@ def run_benchmark(
     for mode in modes:
         r = run_engine(workload, model, mode)
         _write_steps(out_dir / f"steps_{mode}.arrow", r.records)
+        if report and r.records:
+            write_report(
+                [out_dir / f"steps_{mode}.arrow"],
+                out_dir,
+                f"{workload.name}: engine {mode}",
+                prefix=f"{mode}_",
+            )
         rows.append(
             dict(
                 system=f"engine {mode}",

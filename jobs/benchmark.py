@@ -20,15 +20,20 @@ def run(cfg: RunConfig) -> None:
         raise JobError(f"choose a benchmark: bench=<{'|'.join(WORKLOADS)}>")
     if bench.workload not in WORKLOADS:
         known = ", ".join(WORKLOADS)
-        raise JobError(f"bench.workload: unknown workload {getattr(bench, 'workload', None)!r} (known: {known})")
+        raise JobError(
+            f"bench.workload: unknown workload {getattr(bench, 'workload', None)!r} (known: {known})"
+        )
     bad = set(bench.modes) - {"async", "sync"}
     if bad:
         raise JobError(f"bench.modes: unknown engine mode(s) {sorted(bad)} (use async, sync)")
     out_dir = Path(cfg.run_dir)
     run_benchmark(
-        WORKLOADS[bench.workload], out_dir, modes=tuple(bench.modes),
+        WORKLOADS[bench.workload],
+        out_dir,
+        modes=tuple(bench.modes),
         transformers=tuple(bench.transformers) if bench.transformers is not None else None,
         transformers_max_requests=bench.transformers_max_requests,
         transformers_max_new_tokens=bench.transformers_max_new_tokens,
+        report=bench.report,
     )
     log.info("benchmark written to %s", out_dir)

@@ -108,7 +108,7 @@ class BenchConfig:
     transformers: list[str] | None = None
     transformers_max_requests: int | None = None
     transformers_max_new_tokens: int | None = None
-    report: bool = True
+    report: bool = True  # a timing report (timeline PNG, summary) per engine mode, as job=report writes
 
 
 @dataclass

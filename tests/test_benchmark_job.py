@@ -28,7 +28,9 @@ def test_benchmark_prints_and_writes_one_table(smoke_run):
     with ipc.open_stream(out / "benchmark.arrow") as reader:
         table = reader.read_all()
     assert table.column("system").to_pylist() == systems
-    assert table.column("tokens_per_s").to_pylist() == pytest.approx([r["tokens_per_s"] for r in summary["rows"]])
+    assert table.column("tokens_per_s").to_pylist() == pytest.approx(
+        [r["tokens_per_s"] for r in summary["rows"]]
+    )
 
 
 def test_benchmark_numbers_are_consistent(smoke_run):
@@ -62,5 +64,18 @@ def test_benchmark_writes_the_step_records_of_each_mode(smoke_run):
         (row,) = [r for r in summary["rows"] if r["system"] == f"engine {mode}"]
         assert f"{steps.num_rows} steps" in row["note"]
         assert set(steps.column("mode").to_pylist()) == {mode}
-        total = sum(steps.column("decode_tokens").to_pylist()) + sum(steps.column("prefill_tokens").to_pylist())
+        total = sum(steps.column("decode_tokens").to_pylist()) + sum(
+            steps.column("prefill_tokens").to_pylist()
+        )
         assert total >= row["generated_tokens"]
+
+
+def test_benchmark_writes_a_timing_report_for_each_mode(smoke_run):
+    out, _ = smoke_run
+    for mode in ("async", "sync"):
+        report = json.loads((out / f"{mode}_report.json").read_text())
+        with ipc.open_stream(out / f"steps_{mode}.arrow") as reader:
+            steps = reader.read_all()
+        assert report["steps"] == steps.num_rows
+        png = out / f"{mode}_timeline.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
