@@ -113,15 +113,28 @@ def wait_until(condition, timeout=300) -> None:
         time.sleep(0.05)
 
 
-def start_multirun(args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "run.py", *args],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+@pytest.fixture
+def start_multirun():
+    """Start ``python run.py <args>`` in the background; a multirun still running at the end is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(args) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "run.py", *args],
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_four_shards_write_exactly_the_rows_of_a_single_run(tmp_path, models_dir, single_run):
@@ -137,7 +150,7 @@ def test_four_shards_write_exactly_the_rows_of_a_single_run(tmp_path, models_dir
     assert all(manifest(tmp_path, i, 4).attempts == 1 for i in range(4))
 
 
-def test_killed_shard_is_the_only_one_run_again(tmp_path, models_dir, single_run):
+def test_killed_shard_is_the_only_one_run_again(tmp_path, models_dir, single_run, start_multirun):
     proc = start_multirun(multirun_args(tmp_path, models_dir, 2))
     pid = wait_for_pid(tmp_path, 1, 2, rows=2, proc=proc)
     os.kill(pid, signal.SIGKILL)
@@ -160,7 +173,7 @@ def test_killed_shard_is_the_only_one_run_again(tmp_path, models_dir, single_run
     assert all_rows(tmp_path, 2) == single_run
 
 
-def test_preempted_shard_commits_is_requeued_and_resumes(tmp_path, models_dir, single_run):
+def test_preempted_shard_commits_is_requeued_and_resumes(tmp_path, models_dir, single_run, start_multirun):
     proc = start_multirun(multirun_args(tmp_path, models_dir, 2))
     pid = wait_for_pid(tmp_path, 1, 2, rows=2, proc=proc)
     os.kill(pid, signal.SIGUSR2)  # what submitit's executors send before the time limit
