@@ -17,6 +17,7 @@ from .model_loader import eos_token_ids, load_model, load_tokenizer, model_shape
 from .model_runner import Launched, ModelRunner
 from .outputs import CompletionOutput, RequestError
 from .prompts import PromptType, tokenize_prompt
+from .sampler import INVALID_TOKEN
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SeqStatus, Sequence
@@ -27,6 +28,17 @@ from .timing import RunSummary, StepRecord, StepTotals
 def derive_seed(base: int, key: str, sample_index: int) -> int:
     digest = hashlib.blake2b(f"{base}/{key}/{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def _allocate_or_explain(spec: CacheSpec, num_blocks: int, device: torch.device):
+    try:
+        return allocate_kv_cache(spec, num_blocks, device)
+    except torch.OutOfMemoryError as exc:
+        gib = num_blocks * spec.bytes_per_block / 2**30
+        raise RuntimeError(
+            f"out of memory allocating the KV cache ({num_blocks} blocks, {gib:.1f} GiB): lower "
+            "gpu_memory_utilization or num_blocks (or cpu_kv_cache_gb on CPU), or max_batch_tokens / max_num_seqs"
+        ) from exc
 
 
 @dataclass
@@ -66,13 +78,21 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_num_seqs)
         self.runner = ModelRunner(
             model,
-            allocate_kv_cache(spec, num_blocks, self.device),
+            _allocate_or_explain(spec, num_blocks, self.device),
             max_tokens=cfg.max_batch_tokens,
             max_seqs=cfg.max_num_seqs,
             max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
             use_kernels=self.device.type == "cuda" and kernels_available(),
             cuda_graphs=cfg.cuda_graphs,
         )
+        if self.runner.use_graphs:
+            try:
+                self.runner.capture_graphs()
+            except torch.OutOfMemoryError as exc:
+                raise RuntimeError(
+                    "out of memory capturing CUDA graphs: lower gpu_memory_utilization or max_batch_tokens, "
+                    "or set cuda_graphs=false"
+                ) from exc
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.mode = cfg.mode if cfg.mode != "auto" else ("async" if self.device.type == "cuda" else "sync")
@@ -193,6 +213,12 @@ class LLMEngine:
             if seq.is_finished:
                 continue  # finished in the step before; this token was computed one step ahead
             seq.num_pending_tokens -= 1
+            if token == INVALID_TOKEN:
+                seq.error = (
+                    f"the model produced NaN or inf logits at output position {len(seq.output_token_ids)}"
+                )
+                finished.append(self._finish(seq, "error"))
+                continue
             seq.output_token_ids.append(token)
             if seq.params.logprobs:
                 seq.output_logprobs.append(lp)

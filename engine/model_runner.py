@@ -116,7 +116,9 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
         # Carry-over: tokens the previous step sampled replace their placeholders, on the device.
-        input_ids = torch.where(step.carry >= 0, prev_tokens[step.carry.clamp(min=0)], step.input_ids)
+        # (An invalid token of a failing request becomes 0: its step is discarded, the model must not see -1.)
+        carried = prev_tokens[step.carry.clamp(min=0)].clamp(min=0)
+        input_ids = torch.where(step.carry >= 0, carried, step.input_ids)
         set_forward_context(ForwardContext(step.metadata, self.kv_caches, self.use_kernels))
         try:
             out = self.model(

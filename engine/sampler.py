@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 _M32 = 0xFFFFFFFF
+INVALID_TOKEN = -1
+"""Sampled in place of a token when the row's logits are not finite."""
 
 
 @dataclass
@@ -95,4 +97,6 @@ def sample(
         logprobs = chosen - torch.logsumexp(raw, dim=-1)
     else:
         logprobs = torch.zeros_like(tokens, dtype=torch.float32)
+    # A row whose logits hold NaN or inf gets INVALID_TOKEN: that request fails, the others go on.
+    tokens = torch.where(torch.isfinite(raw).all(dim=-1), tokens, INVALID_TOKEN)
     return tokens, logprobs
