@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from jobs import faults
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -20,14 +22,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def commit_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Create ``path`` atomically: ``write`` fills a temporary file that is fsynced and renamed into place."""
+def commit_file(path: Path, write: Callable[[BinaryIO], None], kind: str | None = None) -> None:
+    """Create ``path`` atomically: ``write`` fills a temporary file that is fsynced and renamed into place.
+
+    ``kind`` (``"shard"``, ``"manifest"``) names the commit for fault injection in tests (``jobs.faults``).
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
+            if kind:
+                faults.inject(f"{kind}-write")
             os.fsync(f.fileno())
+        if kind:
+            faults.inject(f"{kind}-rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -35,10 +44,10 @@ def commit_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(path.parent)
 
 
-def commit_json(path: Path, obj: object) -> None:
+def commit_json(path: Path, obj: object, kind: str | None = None) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    commit_file(path, lambda f: f.write(data))
+    commit_file(path, lambda f: f.write(data), kind)
 
 
 def remove_temporaries(directory: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -47,5 +48,13 @@ def main(cfg: DictConfig) -> int:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: cannot write {e.filename or 'the output'}: {e}; free space and run again",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     return 0

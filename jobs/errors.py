@@ -6,7 +6,7 @@ import signal
 
 
 class JobError(Exception):
-    """A problem with the configuration, the source, the model or the output directory, found at start."""
+    """A problem with the configuration, the source, the model or the output directory (found at start, or a failed commit)."""
 
 
 class Interrupted(Exception):

@@ -86,7 +86,7 @@ class Manifest:
         """Write the manifest atomically."""
         data = asdict(self)
         data.pop("path")
-        commit_json(self.path, data)
+        commit_json(self.path, data, kind="manifest")
 
     @classmethod
     def load(cls, path: Path) -> Manifest | None:

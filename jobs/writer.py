@@ -14,6 +14,7 @@ from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from engine.timing import StepRecord
 from jobs.atomic import commit_file
+from jobs.errors import JobError
 from jobs.manifest import GENERATIONS_DIR, STEPS_DIR, Manifest, ShardEntry
 from jobs.prompts import RequestSpec
 
@@ -119,7 +120,7 @@ def write_stream(path: Path, table: pa.Table) -> None:
         with pa.ipc.new_stream(f, table.schema) as writer:
             writer.write_table(table)
 
-    commit_file(path, write)
+    commit_file(path, write, kind="shard")
 
 
 class OutputSink:
@@ -164,13 +165,19 @@ class OutputSink:
         # generated again by the next run).
         rows, steps, sources = self._rows, self._steps, self._sources
         self._rows, self._steps, self._sources = [], [], 0
-        seq = self.manifest.next_seq
-        if rows:
-            name = f"shard-{seq:06d}.arrow"
-            write_stream(self.gen_dir / name, pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
-            self.manifest.shards.append(ShardEntry(name, len(rows), sources))
-        if steps:
-            name = f"steps-{seq:06d}.arrow"
-            write_stream(self.steps_dir / name, pa.Table.from_pylist(steps, schema=STEP_SCHEMA))
-            self.manifest.steps.append(ShardEntry(name, len(steps)))
-        self.manifest.save()
+        seq, committed = self.manifest.next_seq, self.manifest.rows
+        try:
+            if rows:
+                name = f"shard-{seq:06d}.arrow"
+                write_stream(self.gen_dir / name, pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+                self.manifest.shards.append(ShardEntry(name, len(rows), sources))
+            if steps:
+                name = f"steps-{seq:06d}.arrow"
+                write_stream(self.steps_dir / name, pa.Table.from_pylist(steps, schema=STEP_SCHEMA))
+                self.manifest.steps.append(ShardEntry(name, len(steps)))
+            self.manifest.save()
+        except OSError as e:  # disk full, quota, I/O error: stop with a message, keep what is committed
+            raise JobError(
+                f"cannot commit {len(rows)} rows to {self.gen_dir.parent}: {e}. The {committed} rows "
+                "committed before are kept; free space and run the same command again to resume"
+            ) from e

@@ -11,7 +11,7 @@ import time
 import pytest
 from jobs_helpers import compose_config, fake_factory, generated_part, read_rows, rows_by_custom_id
 
-from jobs.errors import Interrupted
+from jobs.errors import Interrupted, JobError
 from jobs.generate import output_dir, run_generation
 from jobs.manifest import GENERATIONS_DIR, MANIFEST_NAME, Manifest, read_stream
 from jobs.signals import StopSignal
@@ -78,7 +78,7 @@ def test_shard_renamed_but_not_in_manifest_is_adopted_without_duplicates(tmp_pat
         real_save(self)
 
     monkeypatch.setattr(Manifest, "save", crash_on_fourth_save)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(JobError, match="simulated crash"):
         run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
     monkeypatch.setattr(Manifest, "save", real_save)
     on_disk = sorted(p.name for p in (output_dir(cfg) / GENERATIONS_DIR).glob("*.arrow"))
