@@ -19,13 +19,14 @@ from jobs import tiny_model
 from jobs.atomic import commit_file
 from jobs.config import RunConfig
 from jobs.errors import Interrupted, JobError
+from jobs.lock import run_lock
 from jobs.manifest import config_hash, finished_run, open_run
 from jobs.progress import Progress, RunStats
 from jobs.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
 from jobs.runner import Runner
 from jobs.shards import resolve_shard, shard_map, shard_path
 from jobs.signals import StopSignal
-from jobs.sources import SourceRow, open_source, select_rows, selected_count
+from jobs.sources import Source, SourceRow, open_source, select_rows, selected_count
 from jobs.writer import OutputSink
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,21 @@ def run_generation(
     if done is not None:
         log.info("%s: %s is complete (%d rows); nothing to do", cfg.job.name, out_dir, done.rows)
         return RunStats(skipped_rows=done.sources, complete=True)
+    with run_lock(out_dir):
+        return _generate(cfg, params, make_engine, source, out_dir, fp, rows_map)
+
+
+def _generate(
+    cfg: RunConfig,
+    params: SamplingParams,
+    make_engine: EngineFactory,
+    source: Source,
+    out_dir: Path,
+    fp: dict[str, Any],
+    rows_map: dict[str, Any],
+) -> RunStats:
+    """Open (or resume) ``out_dir`` and run the engine over the rows not committed yet; the caller holds the lock."""
+    digest = config_hash(fp)
     state = open_run(out_dir, cfg.job.name, fp, cfg.overwrite, rows_map, cfg.data.limit)
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
