@@ -106,6 +106,8 @@ def run_generation(
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
     columns = input_columns(cfg.job.prompt, cfg.data)
     source = open_source(cfg.data, columns)
+    if source.num_rows() == 0:
+        raise JobError(f"{source.description} has no rows")
     check_columns(columns, source.columns(), source.description)
     out_dir = output_dir(cfg)
     fp = fingerprint(cfg, params)

@@ -87,7 +87,10 @@ class PromptBuilder:
         if self.data.id_column is None:
             return str(row.index)
         value = row.data.get(self.data.id_column)
-        return f"row-{row.index}" if value is None else str(value)
+        if value is None:
+            return f"row-{row.index}"
+        # Ids are stored as text, never used as paths; lone surrogates (JSON "\\ud800") are escaped.
+        return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
     def build(self, row: SourceRow, row_id: str) -> RequestSpec:
         """The request for ``row`` (``error`` set, and no tokens, when the row cannot be used)."""
@@ -142,19 +145,36 @@ class PromptBuilder:
             text = data.get(column)
             if text is None:
                 raise ValueError(f"prompt column {column!r} is missing or null")
+            if isinstance(text, bytes):  # a binary column: text only if it is UTF-8
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"prompt column {column!r} is not valid UTF-8: {e}") from None
             if not isinstance(text, str):
                 raise ValueError(f"prompt column {column!r} must be text, got {type(text).__name__}")
         if not text.strip():
             raise ValueError("prompt is empty")
-        return text
+        return checked_text(text, "prompt")
 
     def _checked_messages(self, messages: Any) -> list[dict[str, Any]]:
         if not isinstance(messages, list):
             raise ValueError(f"messages must be a list of {{role, content}}, got {type(messages).__name__}")
         validate_messages(messages)  # the engine's own check; RequestError is a ValueError
-        out = [{"role": m["role"], "content": m["content"]} for m in messages]
+        out = [
+            {"role": m["role"], "content": checked_text(m["content"], f"message {i}")}
+            for i, m in enumerate(messages)
+        ]
         if self.cfg.drop_trailing_assistant and out[-1]["role"] == "assistant":
             out.pop()
         if all(not m["content"].strip() for m in out if m["role"] not in ("system", "developer")):
             raise ValueError("messages have no content to answer")
         return out
+
+
+def checked_text(text: str, what: str) -> str:
+    """``text`` if it can be stored as UTF-8; ValueError for lone surrogates (such as JSON's ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: {e.reason} at position {e.start}") from None
+    return text

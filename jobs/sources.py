@@ -161,6 +161,7 @@ class ParquetSource:
         self._batch_rows = cfg.read_batch_rows
         self._total = 0
         self._columns: list[str] | None = None
+        lacking: dict[str, list[str]] = {}
         for f in self._files:
             try:
                 meta = pq.ParquetFile(f).metadata
@@ -169,6 +170,16 @@ class ParquetSource:
             names = meta.schema.to_arrow_schema().names
             self._columns = names if self._columns is None else [c for c in self._columns if c in names]
             self._total += meta.num_rows
+            for c in columns or ():
+                if c not in names:
+                    lacking.setdefault(c, []).append(f)
+        for c, files in lacking.items():
+            if len(files) < len(self._files):
+                raise JobError(
+                    f"column {c!r} is missing from {len(files)} of {len(self._files)} parquet files "
+                    f"({', '.join(map(repr, files[:5]))}{', ...' if len(files) > 5 else ''}): "
+                    "their rows would have no value; fix the files or select the others with data.path"
+                )
         wanted = self._columns if columns is None else columns
         self._read_columns = [c for c in wanted if c in (self._columns or [])]
 
@@ -212,20 +223,19 @@ class JsonlSource:
             try:
                 with self._open(f) as fh:
                     line = next((ln for ln in fh if ln.strip()), None)
-            except (OSError, UnicodeDecodeError, EOFError) as e:
+            except (OSError, EOFError) as e:
                 raise JobError(f"cannot read {f!r}: {type(e).__name__}: {e}") from e
             if self._first is None and line is not None:
                 try:
                     first = json.loads(line)
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise JobError(f"{f!r} is not JSON Lines (first line: {e})") from e
                 self._first = first if isinstance(first, dict) else {}
 
     @staticmethod
-    def _open(path: str) -> io.TextIOBase:
-        if path.endswith(".gz"):
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-        return open(path, encoding="utf-8")
+    def _open(path: str) -> io.BufferedIOBase:
+        """The file as bytes: each line is decoded on its own, so invalid UTF-8 spoils only its row."""
+        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
     def columns(self) -> list[str] | None:
         """Keys of the first record (later records may lack some; those rows get an error)."""
@@ -258,9 +268,11 @@ class JsonlSource:
                     yield self._parse(index, line, f"{f}:{lineno}")
                     index += 1
 
-    def _parse(self, index: int, line: str, where: str) -> SourceRow:
+    def _parse(self, index: int, line: bytes, where: str) -> SourceRow:
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return SourceRow(index, {}, error=f"invalid UTF-8 at {where}: {e}")
         except json.JSONDecodeError as e:
             return SourceRow(index, {}, error=f"invalid JSON at {where}: {e}")
         if not isinstance(obj, dict):
@@ -307,7 +319,7 @@ class OpenAIBatchSource(JsonlSource):
         """The normalised columns."""
         return ["custom_id", "messages", "prompt"]
 
-    def _parse(self, index: int, line: str, where: str) -> SourceRow:
+    def _parse(self, index: int, line: bytes, where: str) -> SourceRow:
         row = super()._parse(index, line, where)
         if row.error is not None:
             return row
