@@ -11,6 +11,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jobs import data_parallel
 from jobs.config import RunConfig
 from jobs.errors import Interrupted, JobError
 from jobs.requeue import hand_over
@@ -32,10 +33,19 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run_cfg
 
 
+def task_overrides() -> list[str]:
+    """The command line's config overrides (none outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def main(cfg: DictConfig) -> int:
     """Run the job ``cfg`` selects; return the exit status (0, 2 for an error at start, 128 + signal when interrupted)."""
     try:
         run_cfg = to_run_config(cfg)
+        if data_parallel.workers(run_cfg) > 1:
+            return data_parallel.launch(run_cfg, task_overrides())
         importlib.import_module(f"jobs.{run_cfg.job.name}").run(run_cfg)
     except Interrupted as e:
         log.error("%s (%s, exit status %d)", e, e.signal_name, e.exit_code)

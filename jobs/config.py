@@ -170,6 +170,8 @@ class RunConfig:
     run_name: str = MISSING
     run_dir: str = MISSING
     overwrite: bool = False
+    # ``auto`` or N: N worker processes, one GPU and one shard each (jobs/data_parallel.py); 1 runs here.
+    data_parallel: str = "1"
 
 
 def path_name(path: str) -> str:
