@@ -178,16 +178,6 @@ def _echo(worker: Worker, stream: IO[str], out: IO[str]) -> None:
         out.flush()
 
 
-def _parent_death_signal() -> None:
-    """In the worker, before exec: get SIGTERM (commit and exit) if the parent dies (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def _status(rc: int) -> str:
     if rc < 0:
         return f"killed by {signal.Signals(-rc).name}"
@@ -247,8 +237,10 @@ def launch(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-                start_new_session=True,  # a terminal's Ctrl-C reaches the parent, which forwards it once
-                preexec_fn=_parent_death_signal,
+                # A terminal's Ctrl-C reaches the parent only, which forwards it once. (No parent-death
+                # signal: Linux sends it again as the dying parent's threads exit, which would read as a
+                # second signal and stop the worker at once; a hard-killed parent's workers finish.)
+                start_new_session=True,
             )
             log.info(
                 "data parallel: %s: pid %d, CUDA_VISIBLE_DEVICES=%s",
