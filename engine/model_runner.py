@@ -28,7 +28,6 @@ class Launched:
 
     slot: int
     num_rows: int
-    graph: bool
     inline_compute_s: float = 0.0
     """Time the forward pass took inside ``launch`` (on CPU it runs there; on CUDA it is only enqueued)."""
 
@@ -101,7 +100,7 @@ class ModelRunner:
             pipe.d2h.wait_event(slot.compute_done)
             slot.copy_to_host(a.num_sampled)
             slot.d2h_done.record()
-        return Launched(index, a.num_sampled, bool(padded), inline)
+        return Launched(index, a.num_sampled, inline)
 
     def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
         """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""

@@ -114,7 +114,6 @@ class Scheduler:
             self.running.append(seq)
             self._schedule(seq, want, batch)
             budget -= want
-        self._last_batch = batch
         return batch
 
     def finish(self, seq: Sequence) -> None:

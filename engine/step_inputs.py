@@ -44,7 +44,6 @@ class StepArrays:
     any_sampling: bool
     any_top_k_top_p: bool
     any_min_p: bool
-    is_decode_only: bool
 
     @property
     def num_tokens(self) -> int:
@@ -128,5 +127,4 @@ def build_step_arrays(batch: ScheduledBatch, block_size: int, prev_rows: dict[in
         any_sampling=bool(sampling.any()),
         any_top_k_top_p=bool((sampling & ((top_k > 0) | (top_p < 1))).any()),
         any_min_p=bool((sampling & (min_p > 0)).any()),
-        is_decode_only=bool((lens == 1).all() and len(rows) == n),
     )

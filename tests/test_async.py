@@ -87,7 +87,9 @@ def test_carry_over_fills_every_placeholder_with_the_right_token():
     llm = make_llm("llama", mode="async", num_blocks=30, max_batch_tokens=40, max_num_seqs=6)
     engine, runner = llm.engine, llm.engine.runner
     seen = []
-    launch = runner.launch
+    batches = []
+    launch, schedule = runner.launch, engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: batches.append(schedule()) or batches[-1]
 
     def spy(arrays):
         launched = launch(arrays)
@@ -99,7 +101,7 @@ def test_carry_over_fills_every_placeholder_with_the_right_token():
             slot.dev_int[slot.offsets["input_ids"] : slot.offsets["input_ids"] + n],
             torch.from_numpy(arrays.input_ids),
         )
-        batch = engine.scheduler._last_batch
+        batch = batches[-1]
         seen.append(
             (
                 [(it.seq, it.start, it.num_new_tokens) for it in batch.items],
