@@ -229,7 +229,7 @@ class LLMEngine:
                 reason = "error"
             if reason is not None:
                 finished.append(self._finish(seq, reason))
-            else:
+            elif seq.num_computed_tokens // self.config.block_size > seq.num_hashed_blocks:
                 self.block_manager.register_full_blocks(seq)
         return finished
 

@@ -25,25 +25,16 @@ class ScheduledBatch:
 
     items: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(it.num_new_tokens for it in self.items)
+    num_tokens: int = 0
+    decode_tokens: int = 0
+    """Tokens that decode (one new token after the prompt); the rest are prefill (or recompute)."""
 
     @property
     def prefill_tokens(self) -> int:
-        return sum(it.num_new_tokens for it in self.items if not _is_decode(it))
-
-    @property
-    def decode_tokens(self) -> int:
-        return sum(1 for it in self.items if _is_decode(it))
+        return self.num_tokens - self.decode_tokens
 
     def __bool__(self) -> bool:
         return bool(self.items)
-
-
-def _is_decode(it: ScheduledSeq) -> bool:
-    return it.num_new_tokens == 1 and it.start >= it.seq.prompt_len
 
 
 class Scheduler:
@@ -145,13 +136,19 @@ class Scheduler:
 
     def _schedule(self, seq: Sequence, n: int, batch: ScheduledBatch) -> None:
         start = seq.num_computed_tokens
-        self.blocks.grow(seq, start + n)
-        seq.num_computed_tokens = start + n
-        self.blocks.register_full_blocks(seq)
-        sample = seq.num_computed_tokens == seq.num_tokens
+        end = start + n
+        if end > len(seq.block_table) * self.blocks.block_size:
+            self.blocks.grow(seq, end)
+        seq.num_computed_tokens = end
+        if end // self.blocks.block_size > seq.num_hashed_blocks:
+            self.blocks.register_full_blocks(seq)
+        sample = end == seq.num_tokens
         if sample:
             seq.num_pending_tokens += 1
         batch.items.append(ScheduledSeq(seq, start, n, sample))
+        batch.num_tokens += n
+        if n == 1 and start >= seq.prompt_len:
+            batch.decode_tokens += 1
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.blocks.free_seq(seq)

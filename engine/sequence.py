@@ -45,10 +45,10 @@ class Sequence:
     text: str = ""
     detok_prefix_offset: int = 0
     detok_read_offset: int = 0
+    prompt_len: int = field(init=False)
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -57,7 +57,7 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         """All tokens of the sequence, those still being sampled included."""
-        return self.prompt_len + self.num_output_tokens
+        return self.prompt_len + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_known_tokens(self) -> int:
