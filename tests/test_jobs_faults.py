@@ -8,6 +8,7 @@ must read back.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -33,8 +34,8 @@ def config(root, *overrides):
     return compose_config([f"output_root={root}", "runner.progress=false", "checkpoint.rows=2", *overrides])
 
 
-def baseline(tmp_path) -> dict:
-    cfg = config(tmp_path / "baseline")
+def baseline(tmp_path, *overrides) -> dict:
+    cfg = config(tmp_path / "baseline", *overrides)
     run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
     return {cid: generated_part(r) for cid, r in rows_by_custom_id(read_rows(output_dir(cfg))).items()}
 
@@ -118,11 +119,14 @@ def test_resume_after_20_sigkills_including_inside_commits_has_every_row_once(tm
 
 @pytest.mark.parametrize("name,status", [("TERM", 143), ("INT", 130)])
 def test_resume_after_stop_signals_including_inside_commits_has_every_row_once(tmp_path, name, status):
-    expected = baseline(tmp_path)
-    cfg = config(tmp_path / name)
+    source = tmp_path / "prompts.jsonl"  # enough rows that 20 stops do not finish the run
+    source.write_text("".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n" for i in range(200)))
+    data = ("data=jsonl", f"data.path={source}")
+    expected = baseline(tmp_path, *data)
+    cfg = config(tmp_path / name, *data)
     rng = random.Random(status)
     # From the 2nd hit on: the 1st manifest write is at start, before the handler (the default action stops it).
-    for spec, send in fault_plan(rng, name, 10, first=2):
+    for spec, send in fault_plan(rng, name, 20, first=2):
         assert run_child(cfg, spec, send, rng.uniform(0.0, 0.15)) == status
         out = output_dir(cfg)
         manifest = Manifest.load(out / MANIFEST_NAME)
