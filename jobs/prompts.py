@@ -98,7 +98,9 @@ class PromptBuilder:
         if row.sampling:
             try:
                 spec.params = dataclasses.replace(self.params, **row.sampling)
+                check_sampling_types(spec.params, row.sampling)
             except (TypeError, ValueError) as e:
+                spec.params = self.params  # the row's own values cannot be stored either
                 spec.error = f"bad sampling fields {row.sampling}: {e}"
                 return spec
         if row.error is not None:
@@ -178,3 +180,29 @@ def checked_text(text: str, what: str) -> str:
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} is not valid Unicode: {e.reason} at position {e.start}") from None
     return text
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v in _INT64
+
+
+_SAMPLING_CHECKS = {
+    "int": _is_int,
+    "int | None": lambda v: v is None or _is_int(v),
+    "float": lambda v: isinstance(v, float) or _is_int(v),
+    "bool": lambda v: isinstance(v, bool),
+    "list[int]": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}
+_SAMPLING_TYPES = {f.name: f.type for f in dataclasses.fields(SamplingParams)}
+
+
+def check_sampling_types(params: SamplingParams, names: Any) -> None:
+    """TypeError unless the per-row sampling fields ``names`` of ``params`` have their declared types (so they can be stored)."""
+    for name in names:
+        kind, value = _SAMPLING_TYPES[name], getattr(params, name)
+        if not _SAMPLING_CHECKS[kind](value):
+            raise TypeError(f"{name} must be {kind}, got {value!r}")

@@ -113,6 +113,24 @@ def _base_row(spec: RequestSpec, digest: str) -> dict[str, Any]:
     }
 
 
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows as a table of ``ROW_SCHEMA``; a row that does not fit the schema becomes an error row (never a crash)."""
+    try:
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return pa.Table.from_pylist([_storable(r) for r in rows], schema=ROW_SCHEMA)
+
+
+def _storable(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        pa.Table.from_pylist([row], schema=ROW_SCHEMA)
+        return row
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+        keep = {k: row[k] for k in ("custom_id", "id", "sample_index", "row_index", "config_hash")}
+        error = f"row cannot be stored: {type(e).__name__}: {e}"
+        return dict.fromkeys(ROW_SCHEMA.names) | keep | {"finish_reason": "error", "error": error}
+
+
 def write_stream(path: Path, table: pa.Table) -> None:
     """Commit ``table`` to ``path`` as an Arrow IPC stream (temp file, fsync, rename, fsync the folder)."""
 
@@ -169,7 +187,7 @@ class OutputSink:
         try:
             if rows:
                 name = f"shard-{seq:06d}.arrow"
-                write_stream(self.gen_dir / name, pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+                write_stream(self.gen_dir / name, rows_table(rows))
                 self.manifest.shards.append(ShardEntry(name, len(rows), sources))
             if steps:
                 name = f"steps-{seq:06d}.arrow"

@@ -171,3 +171,50 @@ def test_random_prompts_and_configs_give_every_row_once_and_shards_read_back(
             assert (by_index[i]["error"] is None) == bool(usable), (p, by_index[i]["error"])
             if usable and not chat:
                 assert by_index[i]["prompt"] == p
+
+
+def test_openai_batch_sampling_fields_of_the_wrong_type_are_error_rows(tmp_path):
+    bodies = [
+        ({"top_k": True}, "top_k must be int, got True"),
+        ({"seed": 2**70}, "seed must be int | None"),
+        ({"seed": "abc"}, "seed must be an integer or None"),
+        ({"n": 2.5}, "n must be an integer"),
+        ({"temperature": "hot"}, "temperature must be"),
+        ({"stop": [1, 2]}, "stop strings must be non-empty strings"),
+        ({"stop_token_ids": ["a"]}, "bad sampling fields"),
+        ({"logit_bias": {"1": 2}}, "unsupported request field 'logit_bias'"),
+        ({"stop": "END", "max_tokens": 3}, None),
+    ]
+    path = tmp_path / "batch.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"custom_id": f"c{i}", "body": {"messages": [{"role": "user", "content": "hi"}]} | body}
+            )
+            + "\n"
+            for i, (body, _) in enumerate(bodies)
+        )
+    )
+    rows = run(config(tmp_path, "data=openai_batch", f"data.path={path}", "job.sampling.n=2"))
+    assert len(rows) == 2 * len(bodies)
+    for i, (_, expected) in enumerate(bodies):
+        for s in range(2):
+            error = rows[f"c{i}-{s}"]["error"]
+            assert error is None if expected is None else expected in error, (i, error)
+
+
+def test_row_that_does_not_fit_the_schema_is_stored_as_an_error_row():
+    from jobs.writer import ROW_SCHEMA, rows_table
+
+    good = dict.fromkeys(ROW_SCHEMA.names) | {
+        "custom_id": "a-0",
+        "id": "a",
+        "sample_index": 0,
+        "row_index": 0,
+    }
+    good |= {"completion": "text", "token_ids": [1, 2], "finish_reason": "stop", "config_hash": "h"}
+    bad = good | {"custom_id": "b-0", "id": "b", "row_index": 1, "sampling": {"top_k": "many"}}
+    table = rows_table([good, bad]).to_pylist()
+    assert table[0]["completion"] == "text" and table[0]["error"] is None
+    assert table[1]["id"] == "b" and table[1]["finish_reason"] == "error"
+    assert table[1]["error"].startswith("row cannot be stored:")
