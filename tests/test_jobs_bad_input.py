@@ -145,9 +145,10 @@ prompt_values = st.one_of(
     every_rows=st.integers(1, 5),
     in_flight=st.integers(1, 6),
     chat=st.booleans(),
+    shard=st.integers(1, 3).flatmap(lambda count: st.tuples(st.integers(0, count - 1), st.just(count))),
 )
 def test_random_prompts_and_configs_give_every_row_once_and_shards_read_back(
-    prompts, ids, n, every_rows, in_flight, chat
+    prompts, ids, n, every_rows, in_flight, chat, shard
 ):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "random.jsonl"
@@ -162,11 +163,16 @@ def test_random_prompts_and_configs_give_every_row_once_and_shards_read_back(
             f"checkpoint.rows={every_rows}",
             f"runner.max_in_flight={in_flight}",
             f"job.prompt.chat_template={str(chat).lower()}",
+            f"shard.index={shard[0]}",
+            f"shard.count={shard[1]}",
         )
         rows = run(cfg)
-        assert len(rows) == n * len(prompts)
+        mine = [i for i in range(len(prompts)) if i % shard[1] == shard[0]]
+        keys = sorted((r["id"], r["sample_index"]) for r in rows.values())
+        assert keys == sorted((records[i]["id"], s) for i in mine for s in range(n))
         by_index = {r["row_index"]: r for r in rows.values()}
-        for i, p in enumerate(prompts):
+        for i in mine:
+            p = prompts[i]
             usable = isinstance(p, str) and p.strip() and not any(0xD800 <= ord(c) < 0xE000 for c in p)
             assert (by_index[i]["error"] is None) == bool(usable), (p, by_index[i]["error"])
             if usable and not chat:
