@@ -55,6 +55,22 @@ def generated_part(row: dict) -> tuple:
     return (row["completion"], tuple(row["token_ids"]), row["finish_reason"], row["error"], row["logprobs"])
 
 
+def single_run_rows(root: Path, models_dir: Path, settings: list[str]) -> dict[str, dict]:
+    """Rows of one unsplit run of ``settings`` under ``root`` (torch on one thread), keyed by custom_id."""
+    import torch
+
+    from jobs.generate import output_dir, run_generation
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = compose_config([*settings, f"output_root={root}", f"models_dir={models_dir}", "shard=single"])
+        run_generation(cfg)
+    finally:
+        torch.set_num_threads(before)
+    return rows_by_custom_id(read_rows(output_dir(cfg)))
+
+
 def run_cli(args: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     """``python run.py <args>`` from the repository root, offline, without a progress bar."""
     return subprocess.run(

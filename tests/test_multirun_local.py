@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from jobs_helpers import ROOT, cli_env, compose_config, read_rows, rows_by_custom_id, run_cli
+from jobs_helpers import ROOT, cli_env, read_rows, rows_by_custom_id, run_cli, single_run_rows
 
-from jobs.generate import output_dir, run_generation
 from jobs.manifest import MANIFEST_NAME, Manifest
 from jobs.merge import load_run
 from jobs.shards import shard_subdir
@@ -41,15 +39,7 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, models_dir) -> dict[str, dict]:
     """The rows of one unsplit run, keyed by custom_id."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("single")
-        cfg = compose_config([*SETTINGS, f"output_root={root}", f"models_dir={models_dir}", "shard=single"])
-        run_generation(cfg)
-    finally:
-        torch.set_num_threads(before)
-    rows = rows_by_custom_id(read_rows(output_dir(cfg)))
+    rows = single_run_rows(tmp_path_factory.mktemp("single"), models_dir, SETTINGS)
     assert len(rows) == 48
     return rows
 
