@@ -49,14 +49,14 @@ class _InFlight:
     prep_s: float
 
 
+@dataclass(slots=True)
 class EngineStats:
     """A snapshot of the engine's load."""
 
-    __slots__ = ("running", "waiting", "kv_blocks_used", "kv_blocks_total")
-
-    def __init__(self, running: int, waiting: int, kv_blocks_used: int, kv_blocks_total: int):
-        self.running, self.waiting = running, waiting
-        self.kv_blocks_used, self.kv_blocks_total = kv_blocks_used, kv_blocks_total
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
 
 
 class LLMEngine:
@@ -85,6 +85,7 @@ class LLMEngine:
             use_kernels=self.device.type == "cuda" and kernels_available(),
             cuda_graphs=cfg.cuda_graphs,
         )
+        started = time.perf_counter()
         if self.runner.use_graphs:
             try:
                 self.runner.capture_graphs()
@@ -93,6 +94,7 @@ class LLMEngine:
                     "out of memory capturing CUDA graphs: lower gpu_memory_utilization or max_batch_tokens, "
                     "or set cuda_graphs=false"
                 ) from exc
+        self.graph_capture_s = time.perf_counter() - started
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.mode = cfg.mode if cfg.mode != "auto" else ("async" if self.device.type == "cuda" else "sync")
@@ -180,9 +182,7 @@ class LLMEngine:
         if batch:
             arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
             launched = self.runner.launch(arrays)
-            self._prev_rows = {
-                it.seq.seq_id: row for row, it in enumerate(it for it in batch.items if it.sample)
-            }
+            self._prev_rows = {it.seq.seq_id: row for row, it in enumerate(batch.sampled)}
             current = _InFlight(
                 batch, launched, wall, time.perf_counter() - started - launched.inline_compute_s
             )
@@ -207,8 +207,7 @@ class LLMEngine:
         self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]
     ) -> list[CompletionOutput]:
         finished = []
-        rows = (it for it in batch.items if it.sample)
-        for it, token, lp in zip(rows, tokens, logprobs, strict=True):
+        for it, token, lp in zip(batch.sampled, tokens, logprobs, strict=True):
             seq = it.seq
             if seq.is_finished:
                 continue  # finished in the step before; this token was computed one step ahead

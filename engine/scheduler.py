@@ -24,6 +24,8 @@ class ScheduledBatch:
     """What one step computes, in input order."""
 
     items: list[ScheduledSeq] = field(default_factory=list)
+    sampled: list[ScheduledSeq] = field(default_factory=list)
+    """The items that emit a token, in input order: one row each of the step's sampled outputs."""
     preempted: list[Sequence] = field(default_factory=list)
     num_tokens: int = 0
     decode_tokens: int = 0
@@ -143,9 +145,11 @@ class Scheduler:
         if end // self.blocks.block_size > seq.num_hashed_blocks:
             self.blocks.register_full_blocks(seq)
         sample = end == seq.num_tokens
+        item = ScheduledSeq(seq, start, n, sample)
+        batch.items.append(item)
         if sample:
             seq.num_pending_tokens += 1
-        batch.items.append(ScheduledSeq(seq, start, n, sample))
+            batch.sampled.append(item)
         batch.num_tokens += n
         if n == 1 and start >= seq.prompt_len:
             batch.decode_tokens += 1

@@ -88,7 +88,7 @@ def build_step_arrays(batch: ScheduledBatch, block_size: int, prev_rows: dict[in
             carry[cu[i + 1] - 1] = prev_rows[seq.seq_id]
     slots = tables[query_seq, positions // block_size] * block_size + positions % block_size
 
-    rows = [it for it in items if it.sample]
+    rows = batch.sampled
     sampled = np.fromiter((i for i, it in enumerate(items) if it.sample), dtype=np.int64, count=len(rows))
     sample_pos = np.fromiter((it.start + it.num_new_tokens for it in rows), dtype=np.int64, count=len(rows))
     # Rows pad with their own first id (or -1 when they forbid nothing), so a scatter never races.
