@@ -54,6 +54,11 @@ def set_forward_context(ctx: ForwardContext | None) -> None:
     _context = ctx
 
 
+def current_forward_context() -> ForwardContext | None:
+    """The context of the engine step being run, or None outside one."""
+    return _context
+
+
 def get_forward_context() -> ForwardContext:
     if _context is None:
         raise RuntimeError("paged attention called outside an engine step (no forward context set)")

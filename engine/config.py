@@ -33,6 +33,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     mode: str = "auto"
     cuda_graphs: bool = True
+    fused_kernels: bool = True
+    """Fuse the decoder layers of Llama-family models (RMSNorm, rotary + cache write, q/k/v and gate/up matmuls)."""
     seed: int = 0
     device: str = "auto"
 

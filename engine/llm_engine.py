@@ -11,6 +11,7 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
 from .detokenizer import Detokenizer, find_stop
+from .fusion import fuse_model
 from .kernels import kernels_available
 from .kv_cache import CacheSpec, activation_reserve_bytes, allocate_kv_cache, num_blocks_for
 from .model_loader import eos_token_ids, load_model, load_tokenizer, model_shape, resolve_device
@@ -66,6 +67,7 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        self.fused_layers = fuse_model(model) if cfg.fused_kernels else 0
         shape = model_shape(model)
         self.vocab_size, self.max_model_len = shape.vocab_size, shape.max_model_len
         text_cfg = model.config.get_text_config()
