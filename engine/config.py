@@ -37,6 +37,7 @@ class EngineConfig:
     """Fuse the decoder layers of Llama-family models (RMSNorm, rotary + cache write, q/k/v and gate/up matmuls)."""
     seed: int = 0
     device: str = "auto"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -54,5 +55,11 @@ class EngineConfig:
             problems.append(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
         if self.mode not in ("auto", "sync", "async"):
             problems.append(f"mode must be one of auto, sync, async, got {self.mode!r}")
+        if self.tensor_parallel_size < 1:
+            problems.append(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        elif self.tensor_parallel_size > 1 and self.device not in ("auto", "cuda", "cpu"):
+            problems.append(
+                f"tensor_parallel_size > 1 places rank r on GPU r: device must be auto, cuda or cpu, got {self.device!r}"
+            )
         if problems:
             raise ValueError("invalid EngineConfig: " + "; ".join(problems))

@@ -32,6 +32,11 @@ class LLM:
             raise TypeError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
         engine_cfg = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
         model_opts = {k: v for k, v in options.items() if k in _MODEL_FIELDS}
+        if engine_cfg.tensor_parallel_size > 1:
+            from .tensor_parallel import start_llm_engine
+
+            self.engine = start_llm_engine(model, tokenizer, model_opts, engine_cfg)
+            return
         device = resolve_device(engine_cfg.device)
         if isinstance(model, str):
             model_cfg = ModelConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SeqStatus, Sequence
 from .step_inputs import MAX_SUPPRESS, build_step_arrays
 from .timing import RunSummary, StepRecord, StepTotals
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TPContext
 
 
 def derive_seed(base: int, key: str, sample_index: int) -> int:
@@ -63,19 +67,30 @@ class EngineStats:
 class LLMEngine:
     """Continuous-batching generation over a transformers model with a paged KV cache."""
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(
+        self, model, tokenizer=None, config: EngineConfig | None = None, tp: TPContext | None = None
+    ):
+        """``tp``: this rank's tensor-parallel group (``model`` is then its shard); see tensor_parallel.py."""
         self.config = cfg = config or EngineConfig()
+        if cfg.tensor_parallel_size > 1 and tp is None:
+            raise ValueError(
+                "tensor_parallel_size > 1: build the engine with LLM(...) or LLMEngine.from_config, which start the ranks"
+            )
+        self.tp = tp
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.fused_layers = fuse_model(model) if cfg.fused_kernels else 0
         shape = model_shape(model)
         self.vocab_size, self.max_model_len = shape.vocab_size, shape.max_model_len
         text_cfg = model.config.get_text_config()
-        spec = CacheSpec(shape.num_layers, shape.num_kv_heads, shape.head_dim, cfg.block_size, model.dtype)
+        kv_heads = shape.num_kv_heads // (tp.world_size if tp else 1)  # a rank caches its own KV heads
+        spec = CacheSpec(shape.num_layers, kv_heads, shape.head_dim, cfg.block_size, model.dtype)
         reserve = activation_reserve_bytes(
             shape, text_cfg.hidden_size, getattr(text_cfg, "intermediate_size", 4 * text_cfg.hidden_size), cfg
         )
         num_blocks = num_blocks_for(spec, cfg, self.device, reserve)
+        if tp is not None:
+            num_blocks = tp.agree_num_blocks(num_blocks)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_num_seqs)
         self.runner = ModelRunner(
@@ -116,6 +131,10 @@ class LLMEngine:
     def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig | None = None) -> LLMEngine:
         """Load the model and tokenizer ``model_cfg`` names, then build the engine."""
         engine_cfg = engine_cfg or EngineConfig()
+        if engine_cfg.tensor_parallel_size > 1:
+            from .tensor_parallel import ModelSource, start_engine
+
+            return start_engine(ModelSource(model_cfg=model_cfg), engine_cfg, load_tokenizer(model_cfg))
         model = load_model(model_cfg, resolve_device(engine_cfg.device))
         return cls(model, load_tokenizer(model_cfg), engine_cfg)
 
@@ -183,6 +202,8 @@ class LLMEngine:
         launched = None
         if batch:
             arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
+            if self.tp is not None:
+                self.tp.send_step(arrays)  # the other ranks launch the same step
             launched = self.runner.launch(arrays)
             self._prev_rows = {it.seq.seq_id: row for row, it in enumerate(batch.sampled)}
             current = _InFlight(
@@ -319,7 +340,13 @@ class LLMEngine:
         return self._totals.summary(wall)
 
     def close(self) -> None:
-        """Free the cache and model references (the GPU memory returns to the allocator)."""
+        """Free the cache and model references (the GPU memory returns to the allocator).
+
+        With tensor parallelism, rank 0 also stops the other ranks."""
+        if self.tp is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.tp.close()
         self.runner.kv_caches.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
