@@ -6,7 +6,8 @@ folders of one run directory exactly as a Slurm array does (``<run_dir>/shard-<i
 resume, completion markers and ``job=merge`` work unchanged. The parent skips shards that are
 already complete, logs one combined progress line (rows committed, read from the shards'
 manifests), forwards stop signals to the workers, waits for all of them and fails naming the
-shards whose worker failed.
+shards whose worker failed. With ``engine.tensor_parallel_size=T`` each worker gets T GPUs (its
+tensor-parallel group) and ``auto`` makes one worker per T visible GPUs.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def visible_devices(env: Mapping[str, str] | None = None, cuda_count: int | None
     return entries[:cuda_count]
 
 
-def worker_count(value: str | int, devices: Sequence[str]) -> int:
-    """How many workers ``data_parallel=value`` asks for: ``auto`` is one per visible GPU (at least 1)."""
+def worker_count(value: str | int, devices: Sequence[str], per_worker: int = 1) -> int:
+    """How many workers ``data_parallel=value`` asks for: ``auto`` is one per ``per_worker`` visible GPUs
+    (one tensor-parallel group each; at least 1)."""
     if str(value).strip().lower() == "auto":
-        return max(1, len(devices))
+        return max(1, len(devices) // per_worker)
     try:
         n = int(str(value))
     except ValueError:
@@ -71,16 +73,19 @@ def worker_count(value: str | int, devices: Sequence[str]) -> int:
     return n
 
 
-def assign_devices(count: int, devices: Sequence[str]) -> list[str | None]:
-    """The ``CUDA_VISIBLE_DEVICES`` of each worker: the i-th visible GPU, or None (inherit) without GPUs."""
+def assign_devices(count: int, devices: Sequence[str], per_worker: int = 1) -> list[str | None]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each worker: the i-th visible GPU (the i-th group of ``per_worker``
+    GPUs with tensor parallelism), or None (inherit) without GPUs."""
     if not devices:
         return [None] * count
-    if count > len(devices):
+    if count * per_worker > len(devices):
+        tp = f" x engine.tensor_parallel_size={per_worker}" if per_worker > 1 else ""
         raise JobError(
-            f"data_parallel={count} needs {count} GPUs but {len(devices)} are visible "
-            f"(CUDA_VISIBLE_DEVICES={','.join(devices)}): use data_parallel=auto or at most {len(devices)}"
+            f"data_parallel={count}{tp} needs {count * per_worker} GPUs but {len(devices)} are visible "
+            f"(CUDA_VISIBLE_DEVICES={','.join(devices)}): use data_parallel=auto or at most "
+            f"{len(devices) // per_worker}"
         )
-    return list(devices[:count])
+    return [",".join(devices[i * per_worker : (i + 1) * per_worker]) for i in range(count)]
 
 
 def worker_env(
@@ -106,7 +111,7 @@ def workers(cfg: RunConfig, env: Mapping[str, str] | None = None) -> int:
     value = str(cfg.data_parallel).strip()
     if value == "1":
         return 1
-    return worker_count(value, visible_devices(env))
+    return worker_count(value, visible_devices(env), cfg.engine.tensor_parallel_size)
 
 
 def _check(cfg: RunConfig, count: int, env: Mapping[str, str]) -> None:
@@ -201,13 +206,14 @@ def launch(
 
     env = dict(os.environ if env is None else env)
     devices = visible_devices(env) if devices is None else list(devices)
-    count = worker_count(cfg.data_parallel, devices)
+    tp = cfg.engine.tensor_parallel_size
+    count = worker_count(cfg.data_parallel, devices, tp)
     _check(cfg, count, env)
     out = sys.stderr if out is None else out
     command = command or (lambda args: [sys.executable, str(RUN_PY), *args])
     files_cache: dict[str, Any] = {}
     todo: list[Worker] = []
-    for index, device in enumerate(assign_devices(count, devices)):
+    for index, device in enumerate(assign_devices(count, devices, tp)):
         shard_cfg = dataclasses.replace(cfg, shard=ShardConfig(index, count))
         worker = Worker(index, count, shard_path(cfg.run_dir, shard_cfg.shard), device)
         if is_complete(shard_cfg, files_cache):
@@ -233,7 +239,7 @@ def launch(
             args = command(worker_overrides(overrides, w.index, count))
             w.proc = subprocess.Popen(
                 args,
-                env=worker_env(env, w.device, count),
+                env=worker_env(env, w.device, count * tp),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

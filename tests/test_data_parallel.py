@@ -59,6 +59,15 @@ def test_worker_count_and_assignment():
             dp.worker_count(bad, [])
 
 
+def test_tensor_parallel_workers_get_a_group_of_gpus_each():
+    gpus = ["0", "1", "2", "3", "4"]
+    assert dp.worker_count("auto", gpus, per_worker=2) == 2
+    assert dp.worker_count("auto", ["0"], per_worker=2) == 1  # the engine then names the missing GPU
+    assert dp.assign_devices(2, gpus, per_worker=2) == ["0,1", "2,3"]
+    with pytest.raises(JobError, match=r"data_parallel=3 x engine.tensor_parallel_size=2 needs 6 GPUs but 5"):
+        dp.assign_devices(3, gpus, per_worker=2)
+
+
 def test_worker_env_and_overrides():
     env = dp.worker_env({"CUDA_VISIBLE_DEVICES": "3,5", "A": "1"}, "5", 2)
     assert env == {"CUDA_VISIBLE_DEVICES": "5", "A": "1"}
