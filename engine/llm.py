@@ -22,7 +22,8 @@ class LLM:
     """Generate completions for many prompts at once.
 
     ``model`` is a local path or hub id, a loaded transformers model, or a config (the model is
-    then built with random weights). Options are :class:`ModelConfig` fields (dtype,
+    then built with random weights, drawn per parameter from ``seed``: the same weights for any
+    ``tensor_parallel_size``; see ``build_random_model``). Options are :class:`ModelConfig` fields (dtype,
     trust_remote_code, revision) and :class:`EngineConfig` fields (block_size, max_batch_tokens, ...).
     """
 
@@ -46,7 +47,9 @@ class LLM:
             if tokenizer is None or isinstance(tokenizer, str):
                 tokenizer = load_tokenizer(model_cfg)
         elif isinstance(model, PretrainedConfig):
-            loaded = build_random_model(model, model_opts.get("dtype", "auto"), device, engine_cfg.seed)
+            loaded = build_random_model(
+                model, model_opts.get("dtype", "auto"), device, engine_cfg.seed, init="auto"
+            )
         else:
             loaded = prepare_model(model, device)
         self.engine = LLMEngine(loaded, tokenizer, engine_cfg)

@@ -82,16 +82,35 @@ def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     return prepare_model(model, device)
 
 
+INIT_MODES = ("module", "per_parameter", "auto")
+
+
 def build_random_model(
     config: PretrainedConfig,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    init: str = "module",
 ) -> PreTrainedModel:
-    """A model of ``config``'s shape with random weights (tests and benchmarks)."""
+    """A model of ``config``'s shape with random weights (tests and benchmarks).
+
+    ``init``: ``module``, transformers' own init of the whole model after ``torch.manual_seed(seed)``;
+    ``per_parameter``, each parameter drawn on ``device`` from a generator seeded with (seed, its
+    name), the weights a tensor-parallel run of any size builds (``engine/tp_load.py``; ValueError
+    for a family whose init it does not know); ``auto``, per_parameter where known, else module.
+    """
+    if init not in INIT_MODES:
+        raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}")
     device = torch.device(device)
     config = copy.deepcopy(config)  # the model keeps its config: never share it with other models
     torch_dtype = resolve_dtype(dtype, config, device)
+    if init != "module":
+        from .tp_load import lean_shard, random_shard
+
+        lean = random_shard(config, torch_dtype, device, seed) if init == "per_parameter" else None
+        lean = lean or lean_shard(config, torch_dtype, device, seed=seed)
+        if lean is not None:
+            return prepare_model(lean, device)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(

@@ -51,6 +51,7 @@ from .model_loader import (
 )
 from .step_inputs import StepArrays
 from .tp_channel import StepChannel
+from .tp_load import lean_shard
 from .tp_shard import check_tp_support, shard_model
 
 GROUP_TIMEOUT = timedelta(minutes=10)
@@ -91,7 +92,22 @@ class ModelSource:
         return ModelSource(config=self.model.config, state_dict=weights, dtype=self.model.dtype)
 
     def build(self, ctx: TPContext) -> PreTrainedModel:
-        """This rank's shard of the model, on its device. Checkpoints are read on CPU and sliced there."""
+        """This rank's shard of the model, on its device.
+
+        A config and a local folder of safetensors files are built lean (``tp_load.lean_shard``:
+        on ``meta``, sharded there, then only this rank's slices made or read on its device).
+        Other checkpoints (``.bin`` files, hub ids) and configs of families whose init ``tp_load``
+        does not know are loaded whole (checkpoints on CPU) and sliced; so is a model object.
+        """
+        if self.model is None and self.state_dict is None:
+            m, config = self.model_cfg, self.resolve_config()
+            dtype = resolve_dtype(m.dtype if m else self.dtype, config, ctx.device)
+            path, remote = (m.model, m.trust_remote_code) if m else (None, False)
+            model = lean_shard(
+                config, dtype, ctx.device, ctx.rank, ctx.world_size, ctx.group, self.seed, path, remote
+            )
+            if model is not None:
+                return prepare_model(model, ctx.device)
         cpu = torch.device("cpu")
         if self.model is not None:
             model = self.model

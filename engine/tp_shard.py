@@ -2,7 +2,8 @@
 
 Which module gets which split comes from the model's tensor-parallel plan
 (``config.base_model_tp_plan``, e.g. Llama's ``layers.*.self_attn.q_proj: colwise``); the split
-itself is done here, on the loaded model, so it does not depend on transformers' own TP machinery:
+itself is done here, on a loaded model or on one on the ``meta`` device (whose shard
+``tp_load`` then fills), so it does not depend on transformers' own TP machinery:
 
 - ``colwise`` (q/k/v, gate/up): each rank keeps a contiguous slice of the output features (whole
   heads, a slice of the intermediate size) and of the bias.
@@ -23,6 +24,7 @@ need no attribute changes (``num_key_value_groups`` keeps its ratio).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,20 @@ _COLUMN = {"colwise"}
 _ROW = {"rowwise"}
 _REPLICATED = {"replicate", "replicated_with_grad_allreduce", "keep_full_weight"}
 _EMBEDDING = {"embedding_rowwise", "embedding_colwise"}  # kept whole on the input embeddings
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Which part of a full parameter a rank holds: ``full.narrow(dim, start, stop - start)``."""
+
+    dim: int  # 0: column-parallel (output features), 1: row-parallel (input features)
+    start: int
+    stop: int
+    full_shape: tuple[int, ...]
+
+    def of(self, full: torch.Tensor) -> torch.Tensor:
+        """This slice of ``full`` (a view)."""
+        return full.narrow(self.dim, self.start, self.stop - self.start)
 
 
 class RowParallelLinear(nn.Module):
@@ -99,12 +115,19 @@ def _pattern(key: str) -> re.Pattern:
     return re.compile(re.escape(key).replace(r"\*", r"\d+"))
 
 
-def shard_model(model: PreTrainedModel, rank: int, world_size: int, group) -> None:
-    """Replace the planned Linear weights of ``model`` by rank ``rank``'s shard, in place."""
+def shard_model(model: PreTrainedModel, rank: int, world_size: int, group) -> dict[str, ShardSlice]:
+    """Replace the planned Linear weights of ``model`` by rank ``rank``'s shard, in place.
+
+    Works on a model on the ``meta`` device too (only shapes change). Returns the slice each split
+    parameter holds, by its name in ``model.named_parameters()``; parameters not named are whole.
+    """
     check_tp_support(model.config, world_size)
     plan = tp_plan(model.config)
     base = model.base_model
     modules = dict(base.named_modules())
+    prefix = next(n for n, m in model.named_modules() if m is base)
+    prefix = f"{prefix}." if prefix else ""
+    slices: dict[str, ShardSlice] = {}
     for key, style in plan.items():
         if style in _REPLICATED:
             continue
@@ -124,17 +147,26 @@ def shard_model(model: PreTrainedModel, rank: int, world_size: int, group) -> No
                 )
             parent_name, _, attr = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
+            full = tuple(linear.weight.shape)
             if style in _COLUMN:
-                _split_columns(linear, rank, world_size, name)
+                n = _split_columns(linear, rank, world_size, name)
+                part = (rank * n, (rank + 1) * n)
+                slices[f"{prefix}{name}.weight"] = ShardSlice(0, *part, full)
+                if linear.bias is not None:
+                    slices[f"{prefix}{name}.bias"] = ShardSlice(0, *part, (full[0],))
             else:
                 if linear.in_features % world_size:
                     raise ValueError(
                         f"{name}: in_features {linear.in_features} is not divisible by {world_size}"
                     )
+                n = linear.in_features // world_size
                 setattr(parent, attr, RowParallelLinear(linear, rank, world_size, group))
+                slices[f"{prefix}{name}.weight"] = ShardSlice(1, rank * n, (rank + 1) * n, full)
+    return slices
 
 
-def _split_columns(linear: nn.Linear, rank: int, world_size: int, name: str) -> None:
+def _split_columns(linear: nn.Linear, rank: int, world_size: int, name: str) -> int:
+    """Keep rank ``rank``'s slice of the output features; returns its size."""
     if linear.out_features % world_size:
         raise ValueError(f"{name}: out_features {linear.out_features} is not divisible by {world_size}")
     n = linear.out_features // world_size
@@ -143,3 +175,4 @@ def _split_columns(linear: nn.Linear, rank: int, world_size: int, name: str) -> 
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias[part].clone(), requires_grad=False)
     linear.out_features = n
+    return n
