@@ -1,4 +1,7 @@
-"""Engine benchmark job: ``python run.py job=benchmark bench=w1|w2|smoke``."""
+"""Engine benchmark job: ``python run.py job=benchmark bench=w1|w2|w70b|smoke [engine.tensor_parallel_size=N]``.
+
+The workload sets the engine's settings; of ``engine.*`` only ``tensor_parallel_size`` is read.
+"""
 
 from __future__ import annotations
 
@@ -35,5 +38,6 @@ def run(cfg: RunConfig) -> None:
         transformers_max_requests=bench.transformers_max_requests,
         transformers_max_new_tokens=bench.transformers_max_new_tokens,
         report=bench.report,
+        tensor_parallel_size=cfg.engine.tensor_parallel_size,
     )
     log.info("benchmark written to %s", out_dir)

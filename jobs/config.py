@@ -88,7 +88,9 @@ class GenerationJobConfig:
 
 @dataclass
 class BenchmarkJobConfig:
-    """The engine benchmark; what it runs is the ``bench`` group (``bench=w1|w2|smoke``)."""
+    """The engine benchmark; what it runs is the ``bench`` group (``bench=w1|w2|w70b|smoke``).
+
+    Of ``engine.*`` it reads only ``tensor_parallel_size`` (the workload sets the rest)."""
 
     name: str = "benchmark"
     run_name: str = "${oc.select:bench.workload,unnamed}"

@@ -55,15 +55,21 @@ def kv_bytes_per_token(model) -> int:
 
 
 def workload_floor(
-    model, requests: list[tuple[list[int], int]], max_num_seqs: int, bandwidth_gbs: float
+    model,
+    requests: list[tuple[list[int], int]],
+    max_num_seqs: int,
+    bandwidth_gbs: float,
+    kv_split: int = 1,
 ) -> Floor:
     """The floor for ``requests`` (prompt ids, new tokens) with at most ``max_num_seqs`` sequences per step.
 
     Schedule-independent: every generated token reads the KV of its whole context once, and a
     step serves at most ``max_num_seqs`` tokens, so there are at least that many weight reads.
+    With tensor parallelism, ``model`` is one rank's shard (a ``meta`` model will do) and
+    ``kv_split`` the number of ranks: the floor of one GPU, which reads its shard and KV heads.
     """
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_token = kv_bytes_per_token(model)
+    per_token = kv_bytes_per_token(model) // kv_split
     generated = sum(n for _, n in requests)
     longest = max(n for _, n in requests)
     steps = max(longest, -(-generated // max_num_seqs))
