@@ -15,11 +15,9 @@ import torch
 
 from .attention import AttentionMetadata
 from .sampler import SamplingTensors
-from .step_inputs import MAX_SUPPRESS, StepArrays
+from .step_inputs import FLOAT_FIELDS, MAX_SUPPRESS, ROW_FIELDS, TOKEN_FIELDS, StepArrays
 
-_TOKEN_FIELDS = ("input_ids", "carry", "positions", "slot_mapping", "query_seq", "query_index")
-_SEQ_FIELDS = ("context_lens", "logits_indices", "top_k", "seed", "sample_pos")
-_FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+_SEQ_FIELDS = ("context_lens", *ROW_FIELDS)
 
 
 @dataclass
@@ -44,7 +42,7 @@ class IOSlot:
         self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
         self.offsets: dict[str, int] = {}
         offset = 0
-        for name in _TOKEN_FIELDS:
+        for name in TOKEN_FIELDS:
             self.offsets[name], offset = offset, offset + max_tokens
         for name in _SEQ_FIELDS:
             self.offsets[name], offset = offset, offset + max_seqs
@@ -53,7 +51,7 @@ class IOSlot:
         total = offset + max_seqs * max_blocks_per_seq
         pin = device.type == "cuda"
         self.host_int = torch.zeros(total, dtype=torch.int64, pin_memory=pin)
-        self.host_float = torch.zeros(len(_FLOAT_FIELDS) * max_seqs, dtype=torch.float32, pin_memory=pin)
+        self.host_float = torch.zeros(len(FLOAT_FIELDS) * max_seqs, dtype=torch.float32, pin_memory=pin)
         self.dev_int = torch.zeros(total, dtype=torch.int64, device=device)
         self.dev_float = torch.zeros_like(self.host_float, device=device)
         self.dev_tokens = torch.zeros(max_seqs, dtype=torch.int64, device=device)
@@ -76,7 +74,7 @@ class IOSlot:
         """
         ints, floats, off = self._int_np, self._float_np, self.offsets
         t, s = a.num_tokens, a.num_seqs
-        for name in _TOKEN_FIELDS:
+        for name in TOKEN_FIELDS:
             view = ints[off[name] : off[name] + num_tokens]
             view[:t] = getattr(a, name)
             view[t:] = -1 if name == "carry" else 0
@@ -85,7 +83,7 @@ class IOSlot:
             ints[off["query_seq"] + t : off["query_seq"] + num_tokens] = np.minimum(s + pad, num_seqs - 1)
         lens = ints[off["context_lens"] : off["context_lens"] + num_seqs]
         lens[:s], lens[s:] = a.context_lens, 1
-        for name in ("logits_indices", "top_k", "seed", "sample_pos"):
+        for name in ROW_FIELDS:
             view = ints[off[name] : off[name] + num_rows]
             view[: a.num_sampled], view[a.num_sampled :] = getattr(a, name), 0
         if num_rows > a.num_sampled:
@@ -101,7 +99,7 @@ class IOSlot:
         )
         tables[:s, : a.block_tables.shape[1]] = a.block_tables
         tables[s:, 0] = 0
-        for i, name in enumerate(_FLOAT_FIELDS):
+        for i, name in enumerate(FLOAT_FIELDS):
             view = floats[i * self.max_seqs : i * self.max_seqs + num_rows]
             view[: a.num_sampled], view[a.num_sampled :] = getattr(a, name), 1.0 if name == "top_p" else 0.0
         self._copy_len = off["block_tables"] + num_seqs * self.width
@@ -125,7 +123,7 @@ class IOSlot:
             return d[off[name] : off[name] + n]
 
         S = self.max_seqs
-        floats = [self.dev_float[i * S : i * S + num_rows] for i in range(len(_FLOAT_FIELDS))]
+        floats = [self.dev_float[i * S : i * S + num_rows] for i in range(len(FLOAT_FIELDS))]
         width = self.width if graph else max(1, a.block_tables.shape[1])
         tables = v("block_tables", num_seqs * self.width).view(num_seqs, self.width)[:, :width]
         metadata = AttentionMetadata(

@@ -107,8 +107,10 @@ def build_random_model(
     if init != "module":
         from .tp_load import lean_shard, random_shard
 
-        lean = random_shard(config, torch_dtype, device, seed) if init == "per_parameter" else None
-        lean = lean or lean_shard(config, torch_dtype, device, seed=seed)
+        if init == "per_parameter":
+            lean = random_shard(config, torch_dtype, device, seed)
+        else:
+            lean = lean_shard(config, torch_dtype, device, seed=seed)
         if lean is not None:
             return prepare_model(lean, device)
     torch.manual_seed(seed)

@@ -16,6 +16,12 @@ from .scheduler import ScheduledBatch
 PLACEHOLDER_TOKEN = 0
 MAX_SUPPRESS = 16
 """Most token ids one request can forbid before min_new_tokens (its EOS and stop ids)."""
+TOKEN_FIELDS = ("input_ids", "carry", "positions", "slot_mapping", "query_seq", "query_index")
+"""StepArrays fields with one entry per token."""
+ROW_FIELDS = ("logits_indices", "top_k", "seed", "sample_pos")
+"""Integer StepArrays fields with one entry per sampling row (besides ``suppress``)."""
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+"""Float StepArrays fields, one entry per sampling row."""
 
 
 @dataclass

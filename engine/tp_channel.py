@@ -15,24 +15,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .step_inputs import MAX_SUPPRESS, StepArrays
+from .step_inputs import FLOAT_FIELDS, MAX_SUPPRESS, ROW_FIELDS, TOKEN_FIELDS, StepArrays
 
 HEADER_LEN = 16
 IDLE_TIMEOUT = timedelta(days=365)
 """A follower waits this long for rank 0's next step (rank 0 may stay idle between requests)."""
 _STEP, _STOP = 1, 2
-_TOKEN_FIELDS = ("input_ids", "carry", "positions", "slot_mapping", "query_seq", "query_index")
-_ROW_FIELDS = ("logits_indices", "top_k", "seed", "sample_pos")
-_FLOAT_FIELDS = ("temperature", "top_p", "min_p")
 
 
 def pack(a: StepArrays) -> tuple[list[int], np.ndarray]:
     """The header fields (without the kind) and the int64 payload of one step."""
-    floats = np.concatenate([getattr(a, f) for f in _FLOAT_FIELDS]).astype(np.float32)
+    floats = np.concatenate([getattr(a, f) for f in FLOAT_FIELDS]).astype(np.float32)
     if len(floats) % 2:
         floats = np.append(floats, np.float32(0))
-    parts = [getattr(a, f) for f in _TOKEN_FIELDS]
-    parts += [a.context_lens, *(getattr(a, f) for f in _ROW_FIELDS), a.suppress.ravel()]
+    parts = [getattr(a, f) for f in TOKEN_FIELDS]
+    parts += [a.context_lens, *(getattr(a, f) for f in ROW_FIELDS), a.suppress.ravel()]
     parts += [a.block_tables.ravel(), floats.view(np.int64)]
     payload = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
     sizes = [a.num_tokens, a.num_seqs, a.num_sampled, a.block_tables.shape[1]]
@@ -51,15 +48,15 @@ def unpack(header: list[int], payload: np.ndarray) -> StepArrays:
         pos += n
         return payload[pos - n : pos]
 
-    for f in _TOKEN_FIELDS:
+    for f in TOKEN_FIELDS:
         out[f] = take(t)
     out["context_lens"] = take(s)
-    for f in _ROW_FIELDS:
+    for f in ROW_FIELDS:
         out[f] = take(r)
     out["suppress"] = take(r * MAX_SUPPRESS).reshape(r, MAX_SUPPRESS)
     out["block_tables"] = take(s * width).reshape(s, width)
     floats = payload[pos:].view(np.float32)
-    for i, f in enumerate(_FLOAT_FIELDS):
+    for i, f in enumerate(FLOAT_FIELDS):
         out[f] = floats[i * r : (i + 1) * r]
     return StepArrays(
         **out,

@@ -24,10 +24,10 @@ import torch
 
 from engine import build_random_model
 
-from .floor import measure_copy_bandwidth, workload_floor
+from .floor import measure_copy_bandwidth, weight_bytes, workload_floor
 from .hf_baseline import CONFIGS, run_transformers
 from .report import write_report
-from .workloads import Workload, check_fits, run_engine, weight_bytes
+from .workloads import Workload, check_fits, run_engine
 
 HF_MEMORY_SHARE = 0.8
 """transformers runs only when the whole model takes at most this share of one GPU's memory."""

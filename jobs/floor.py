@@ -54,6 +54,11 @@ def kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters (works on ``meta`` models)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def workload_floor(
     model,
     requests: list[tuple[list[int], int]],
@@ -68,10 +73,10 @@ def workload_floor(
     With tensor parallelism, ``model`` is one rank's shard (a ``meta`` model will do) and
     ``kv_split`` the number of ranks: the floor of one GPU, which reads its shard and KV heads.
     """
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     per_token = kv_bytes_per_token(model) // kv_split
     generated = sum(n for _, n in requests)
     longest = max(n for _, n in requests)
     steps = max(longest, -(-generated // max_num_seqs))
     context_sum = sum(n * len(p) + n * (n - 1) // 2 for p, n in requests)
-    return Floor(bandwidth_gbs, weight_bytes, per_token, steps, context_sum * per_token)
+    return Floor(bandwidth_gbs, weights, per_token, steps, context_sum * per_token)

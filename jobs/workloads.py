@@ -22,6 +22,7 @@ from transformers import LlamaConfig, PreTrainedModel
 
 from engine import EngineConfig, LLMEngine, SamplingParams, build_random_model
 from jobs.errors import JobError
+from jobs.floor import weight_bytes
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -108,11 +109,6 @@ WORKLOADS = {
     "w70b": Workload("w70b", LLAMA3_70B, 64, (256, 256), (256, 256), engine=dict(max_num_seqs=64)),
     "smoke": Workload("smoke", TINY, 12, (4, 40), (4, 24), engine=dict(max_num_seqs=8, cpu_kv_cache_gb=0.05)),
 }
-
-
-def weight_bytes(model: PreTrainedModel) -> int:
-    """Bytes of the parameters (works on ``meta`` models)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def check_fits(
