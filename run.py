@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from jobs.cli import main as run_job
-from jobs.config import register_configs
+from jobs.cli import register_configs
 
 register_configs()
 

@@ -23,11 +23,11 @@ _EXPORTS = {
     "CompletionOutput": "outputs",
     "RequestOutput": "outputs",
     "RequestError": "outputs",
-    "ModelLoadError": "model_loader",
-    "build_random_model": "model_loader",
+    "ModelLoadError": "model.errors",
+    "build_random_model": "model.loader",
     "RunSummary": "timing",
     "StepRecord": "timing",
-    "validate_messages": "prompts",
+    "validate_messages": "tokenization",
 }
 
 __all__ = [
@@ -58,11 +58,12 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from .config import EngineConfig, ModelConfig
-    from .llm import LLM
-    from .llm_engine import EngineStats, LLMEngine
-    from .model_loader import ModelLoadError, build_random_model
-    from .outputs import CompletionOutput, RequestError, RequestOutput
-    from .prompts import validate_messages
-    from .sampling_params import SamplingParams
-    from .timing import RunSummary, StepRecord
+    from engine.config import EngineConfig, ModelConfig
+    from engine.llm import LLM
+    from engine.llm_engine import EngineStats, LLMEngine
+    from engine.model.errors import ModelLoadError
+    from engine.model.loader import build_random_model
+    from engine.outputs import CompletionOutput, RequestError, RequestOutput
+    from engine.sampling_params import SamplingParams
+    from engine.timing import RunSummary, StepRecord
+    from engine.tokenization import validate_messages

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .sequence import Sequence
+from engine.sequence import Sequence
 
 NULL_BLOCK = 0
 """Block 0 is never handed out: padded slots and padded block-table entries point at it."""

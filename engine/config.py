@@ -29,7 +29,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.90
-    cpu_kv_cache_gb: float = 1.0
+    cpu_kv_cache_gb: float = 0.25
+    """CPU runs are for tiny models and tests: a quarter GiB holds thousands of their tokens."""
     enable_prefix_caching: bool = True
     mode: str = "auto"
     cuda_graphs: bool = True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .sequence import Sequence
+from engine.sequence import Sequence
 
 
 class Detokenizer:

@@ -7,14 +7,12 @@ from collections.abc import Sequence as Seq
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .config import EngineConfig, ModelConfig
-from .llm_engine import LLMEngine
-from .model_loader import build_random_model, load_model, load_tokenizer, prepare_model, resolve_device
-from .outputs import RequestError, RequestOutput
-from .prompts import PromptType
-from .sampling_params import SamplingParams
+from engine.build import MODEL_OPTIONS, build_engine
+from engine.config import EngineConfig
+from engine.outputs import RequestError, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenization import PromptType
 
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"model", "tokenizer"}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
@@ -28,31 +26,12 @@ class LLM:
     """
 
     def __init__(self, model: str | PreTrainedModel | PretrainedConfig, tokenizer=None, **options):
-        unknown = set(options) - _MODEL_FIELDS - _ENGINE_FIELDS
+        unknown = set(options) - MODEL_OPTIONS - _ENGINE_FIELDS
         if unknown:
             raise TypeError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
         engine_cfg = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
-        model_opts = {k: v for k, v in options.items() if k in _MODEL_FIELDS}
-        if engine_cfg.tensor_parallel_size > 1:
-            from .tensor_parallel import start_llm_engine
-
-            self.engine = start_llm_engine(model, tokenizer, model_opts, engine_cfg)
-            return
-        device = resolve_device(engine_cfg.device)
-        if isinstance(model, str):
-            model_cfg = ModelConfig(
-                model=model, tokenizer=tokenizer if isinstance(tokenizer, str) else None, **model_opts
-            )
-            loaded = load_model(model_cfg, device)
-            if tokenizer is None or isinstance(tokenizer, str):
-                tokenizer = load_tokenizer(model_cfg)
-        elif isinstance(model, PretrainedConfig):
-            loaded = build_random_model(
-                model, model_opts.get("dtype", "auto"), device, engine_cfg.seed, init="auto"
-            )
-        else:
-            loaded = prepare_model(model, device)
-        self.engine = LLMEngine(loaded, tokenizer, engine_cfg)
+        model_opts = {k: v for k, v in options.items() if k in MODEL_OPTIONS}
+        self.engine = build_engine(model, tokenizer, engine_cfg, **model_opts)
 
     @property
     def tokenizer(self):

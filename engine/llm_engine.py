@@ -5,29 +5,22 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import torch
-
-from .block_manager import BlockManager
-from .config import EngineConfig, ModelConfig
-from .detokenizer import Detokenizer, find_stop
-from .fusion import fuse_model
-from .kernels import kernels_available
-from .kv_cache import CacheSpec, activation_reserve_bytes, allocate_kv_cache, num_blocks_for
-from .model_loader import eos_token_ids, load_model, load_tokenizer, model_shape, resolve_device
-from .model_runner import Launched, ModelRunner
-from .outputs import CompletionOutput, RequestError
-from .prompts import PromptType, tokenize_prompt
-from .sampler import INVALID_TOKEN
-from .sampling_params import SamplingParams
-from .scheduler import ScheduledBatch, Scheduler
-from .sequence import SeqStatus, Sequence
-from .step_inputs import MAX_SUPPRESS, build_step_arrays
-from .timing import RunSummary, StepRecord, StepTotals
-
-if TYPE_CHECKING:
-    from .tensor_parallel import TPContext
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer, find_stop
+from engine.model.loader import eos_token_ids
+from engine.outputs import CompletionOutput, RequestError
+from engine.runner.model_runner import Launched
+from engine.runner.sampler import INVALID_TOKEN
+from engine.runner.step_layout import MAX_SUPPRESS
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sequence import SeqStatus, Sequence
+from engine.step_builder import build_step_arrays
+from engine.timing import RunSummary, StepRecord, StepTotals
+from engine.tokenization import PromptType, tokenize_prompt
+from engine.worker import Worker
 
 
 def derive_seed(base: int, key: str, sample_index: int) -> int:
@@ -35,19 +28,8 @@ def derive_seed(base: int, key: str, sample_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
-def _allocate_or_explain(spec: CacheSpec, num_blocks: int, device: torch.device):
-    try:
-        return allocate_kv_cache(spec, num_blocks, device)
-    except torch.OutOfMemoryError as exc:
-        gib = num_blocks * spec.bytes_per_block / 2**30
-        raise RuntimeError(
-            f"out of memory allocating the KV cache ({num_blocks} blocks, {gib:.1f} GiB): lower "
-            "gpu_memory_utilization or num_blocks (or cpu_kv_cache_gb on CPU), or max_batch_tokens / max_num_seqs"
-        ) from exc
-
-
 @dataclass
-class _InFlight:
+class _LaunchedStep:
     batch: ScheduledBatch
     launched: Launched
     wall_start: float
@@ -67,56 +49,29 @@ class EngineStats:
 class LLMEngine:
     """Continuous-batching generation over a transformers model with a paged KV cache."""
 
-    def __init__(
-        self, model, tokenizer=None, config: EngineConfig | None = None, tp: TPContext | None = None
-    ):
-        """``tp``: this rank's tensor-parallel group (``model`` is then its shard); see tensor_parallel.py."""
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        """``model``: a :class:`Worker`, or a model on its device (one device; ``engine.build`` makes
+        engines from paths, configs and for tensor parallelism)."""
         self.config = cfg = config or EngineConfig()
-        if cfg.tensor_parallel_size > 1 and tp is None:
-            raise ValueError(
-                "tensor_parallel_size > 1: build the engine with LLM(...) or LLMEngine.from_config, which start the ranks"
-            )
-        self.tp = tp
-        self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
-        self.fused_layers = fuse_model(model) if cfg.fused_kernels else 0
-        shape = model_shape(model)
-        self.vocab_size, self.max_model_len = shape.vocab_size, shape.max_model_len
-        text_cfg = model.config.get_text_config()
-        kv_heads = shape.num_kv_heads // (tp.world_size if tp else 1)  # a rank caches its own KV heads
-        spec = CacheSpec(shape.num_layers, kv_heads, shape.head_dim, cfg.block_size, model.dtype)
-        reserve = activation_reserve_bytes(
-            shape, text_cfg.hidden_size, getattr(text_cfg, "intermediate_size", 4 * text_cfg.hidden_size), cfg
-        )
-        num_blocks = num_blocks_for(spec, cfg, self.device, reserve)
-        if tp is not None:
-            num_blocks = tp.agree_num_blocks(num_blocks)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        if not isinstance(model, Worker):
+            if cfg.tensor_parallel_size > 1:
+                raise ValueError(
+                    "tensor_parallel_size > 1: build the engine with LLM(...) or engine.build.build_engine, "
+                    "which start the ranks"
+                )
+            model = Worker(model, cfg)
+        self.worker = worker = model
+        self.model, self.tokenizer = worker.model, tokenizer
+        self.device, self.runner = worker.device, worker.runner
+        self.vocab_size, self.max_model_len = worker.vocab_size, worker.max_model_len
+        self.fused_layers, self.graph_capture_s = worker.fused_layers, worker.graph_capture_s
+        self.block_manager = BlockManager(worker.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_num_seqs)
-        self.runner = ModelRunner(
-            model,
-            _allocate_or_explain(spec, num_blocks, self.device),
-            max_tokens=cfg.max_batch_tokens,
-            max_seqs=cfg.max_num_seqs,
-            max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
-            use_kernels=self.device.type == "cuda" and kernels_available(),
-            cuda_graphs=cfg.cuda_graphs,
-        )
-        started = time.perf_counter()
-        if self.runner.use_graphs:
-            try:
-                self.runner.capture_graphs()
-            except torch.OutOfMemoryError as exc:
-                raise RuntimeError(
-                    "out of memory capturing CUDA graphs: lower gpu_memory_utilization or max_batch_tokens, "
-                    "or set cuda_graphs=false"
-                ) from exc
-        self.graph_capture_s = time.perf_counter() - started
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
-        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(self.model, tokenizer)
         self.mode = cfg.mode if cfg.mode != "auto" else ("async" if self.device.type == "cuda" else "sync")
         self._prev_rows: dict[int, int] = {}
-        self._in_flight: _InFlight | None = None
+        self._in_flight: _LaunchedStep | None = None
         self._next_seq_id = 0
         self._live_requests: dict[str, int] = {}
         self._unfinished = 0
@@ -126,17 +81,6 @@ class LLMEngine:
         self._started_at: float | None = None
         self._finished_at = 0.0
         self._last_gpu_end: float | None = None
-
-    @classmethod
-    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig | None = None) -> LLMEngine:
-        """Load the model and tokenizer ``model_cfg`` names, then build the engine."""
-        engine_cfg = engine_cfg or EngineConfig()
-        if engine_cfg.tensor_parallel_size > 1:
-            from .tensor_parallel import ModelSource, start_engine
-
-            return start_engine(ModelSource(model_cfg=model_cfg), engine_cfg, load_tokenizer(model_cfg))
-        model = load_model(model_cfg, resolve_device(engine_cfg.device))
-        return cls(model, load_tokenizer(model_cfg), engine_cfg)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
@@ -202,11 +146,9 @@ class LLMEngine:
         launched = None
         if batch:
             arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
-            if self.tp is not None:
-                self.tp.send_step(arrays)  # the other ranks launch the same step
             launched = self.runner.launch(arrays)
             self._prev_rows = {it.seq.seq_id: row for row, it in enumerate(batch.sampled)}
-            current = _InFlight(
+            current = _LaunchedStep(
                 batch, launched, wall, time.perf_counter() - started - launched.inline_compute_s
             )
         else:
@@ -221,7 +163,7 @@ class LLMEngine:
         self._finished_at = time.perf_counter()
         return finished
 
-    def _complete(self, step: _InFlight) -> list[CompletionOutput]:
+    def _complete(self, step: _LaunchedStep) -> list[CompletionOutput]:
         tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
         self._record(step, gpu_start, gpu_end)
         return self._process(step.batch, tokens, logprobs)
@@ -298,7 +240,7 @@ class LLMEngine:
         )
 
     # -- timing -----------------------------------------------------------------------------
-    def _record(self, step: _InFlight, gpu_start: float, gpu_end: float) -> None:
+    def _record(self, step: _LaunchedStep, gpu_start: float, gpu_end: float) -> None:
         idle = 0.0 if self._last_gpu_end is None else max(0.0, gpu_start - self._last_gpu_end) / 1000
         self._last_gpu_end = gpu_end
         batch = step.batch
@@ -339,14 +281,13 @@ class LLMEngine:
         wall = 0.0 if self._started_at is None else self._finished_at - self._started_at
         return self._totals.summary(wall)
 
+    @property
+    def tp(self):
+        """Rank 0's tensor-parallel group, or None on one device."""
+        return self.worker.tp
+
     def close(self) -> None:
         """Free the cache and model references (the GPU memory returns to the allocator).
 
         With tensor parallelism, rank 0 also stops the other ranks."""
-        if self.tp is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.tp.close()
-        self.runner.kv_caches.clear()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.worker.close()

@@ -61,10 +61,6 @@ class SamplingParams:
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

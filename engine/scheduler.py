@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
-from .sequence import SeqStatus, Sequence
+from engine.block_manager import BlockManager
+from engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(slots=True)
@@ -158,7 +158,6 @@ class Scheduler:
         self.blocks.free_seq(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):
@@ -39,7 +39,6 @@ class Sequence:
     last_block_hash: int | None = None
     status: SeqStatus = SeqStatus.WAITING
     admitted_at: int = -1
-    num_preemptions: int = 0
     finish_reason: str | None = None
     error: str | None = None
     text: str = ""
@@ -51,10 +50,6 @@ class Sequence:
         self.prompt_len = len(self.prompt_token_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids) + self.num_pending_tokens
-
-    @property
     def num_tokens(self) -> int:
         """All tokens of the sequence, those still being sampled included."""
         return self.prompt_len + len(self.output_token_ids) + self.num_pending_tokens
@@ -62,11 +57,6 @@ class Sequence:
     @property
     def num_known_tokens(self) -> int:
         return self.prompt_len + len(self.output_token_ids)
-
-    def token_at(self, index: int) -> int:
-        if index < self.prompt_len:
-            return self.prompt_token_ids[index]
-        return self.output_token_ids[index - self.prompt_len]
 
     def known_tokens(self, start: int, end: int) -> list[int]:
         """Tokens ``[start, end)`` of prompt + known output."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from jobs.bench import run_benchmark
+from bench.runner import run_benchmark
+from bench.workloads import WORKLOADS
 from jobs.config import RunConfig
 from jobs.errors import JobError
-from jobs.workloads import WORKLOADS
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,11 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jobs import data_parallel
-from jobs.config import RunConfig
+from jobs.config import RunConfig, store_schemas
 from jobs.errors import Interrupted, JobError
-from jobs.requeue import hand_over
+from jobs.pipeline.shards import dir_resolver, subdir_resolver
+from launch import data_parallel
+from launch.requeue import hand_over
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +69,11 @@ def main(cfg: DictConfig) -> int:
         )
         return EXIT_ERROR
     return 0
+
+
+def register_configs() -> None:
+    """The schemas (``jobs.config``) and the resolvers that name a shard's folder, for Hydra."""
+    store_schemas()
+    if not OmegaConf.has_resolver("shard_dir"):
+        OmegaConf.register_new_resolver("shard_dir", dir_resolver)
+        OmegaConf.register_new_resolver("shard_subdir", subdir_resolver)

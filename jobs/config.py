@@ -98,7 +98,7 @@ class BenchmarkJobConfig:
 
 @dataclass
 class BenchConfig:
-    """One benchmark: a workload of ``jobs/workloads.py``, our engine modes and transformers' configurations.
+    """One benchmark: a workload of ``bench/workloads.py``, our engine modes and transformers' configurations.
 
     transformers' ``generate_batch`` takes one ``max_new_tokens`` for every request, and at its speed a
     full W1 or W2 takes minutes: ``transformers_max_requests`` / ``transformers_max_new_tokens`` shorten
@@ -161,7 +161,7 @@ class RunConfig:
 
     job: Any = MISSING
     model: ModelSettings = MISSING
-    engine: EngineConfig = MISSING
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the engine's own defaults, restated nowhere
     data: DataConfig = MISSING
     shard: ShardConfig = field(default_factory=ShardConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -172,7 +172,7 @@ class RunConfig:
     run_name: str = MISSING
     run_dir: str = MISSING
     overwrite: bool = False
-    # ``auto`` or N: N worker processes, one GPU and one shard each (jobs/data_parallel.py); 1 runs here.
+    # ``auto`` or N: N worker processes, one GPU and one shard each (launch/data_parallel.py); 1 runs here.
     data_parallel: str = "1"
 
 
@@ -188,15 +188,10 @@ def path_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "data"
 
 
-def register_configs() -> None:
+def store_schemas() -> None:
     """Register the schemas with Hydra's ConfigStore (the YAML files under ``conf/`` extend them)."""
     if not OmegaConf.has_resolver("path_name"):
         OmegaConf.register_new_resolver("path_name", path_name)
-    from jobs.shards import dir_resolver, subdir_resolver
-
-    if not OmegaConf.has_resolver("shard_dir"):
-        OmegaConf.register_new_resolver("shard_dir", dir_resolver)
-        OmegaConf.register_new_resolver("shard_subdir", subdir_resolver)
     cs = ConfigStore.instance()
     cs.store(name="run_config_schema", node=RunConfig)
     cs.store(group="job", name="generation_schema", node=GenerationJobConfig)

@@ -7,7 +7,7 @@ import dataclasses
 from engine.sampling_params import SamplingParams
 from jobs.config import RunConfig
 from jobs.generate import EngineFactory, load_engine, run_generation
-from jobs.progress import RunStats
+from jobs.pipeline.progress import RunStats
 
 
 def sampling_params(cfg: RunConfig) -> SamplingParams:

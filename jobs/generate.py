@@ -16,18 +16,19 @@ from omegaconf import OmegaConf
 from engine.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from jobs import tiny_model
-from jobs.atomic import commit_file
 from jobs.config import RunConfig
 from jobs.errors import Interrupted, JobError
-from jobs.lock import run_lock
-from jobs.manifest import config_hash, finished_run, open_run
-from jobs.progress import Progress, RunStats
-from jobs.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
-from jobs.runner import Runner
-from jobs.shards import resolve_shard, shard_map, shard_path
-from jobs.signals import StopSignal
-from jobs.sources import Source, SourceRow, open_source, select_rows, selected_count
-from jobs.writer import OutputSink
+from jobs.pipeline.atomic import commit_file
+from jobs.pipeline.fingerprint import fingerprint
+from jobs.pipeline.generation_loop import GenerationLoop
+from jobs.pipeline.lock import run_lock
+from jobs.pipeline.manifest import config_hash, finished_run, open_run
+from jobs.pipeline.progress import Progress, RunStats
+from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
+from jobs.pipeline.shards import resolve_shard, shard_map, shard_path
+from jobs.pipeline.signals import StopSignal
+from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
+from jobs.pipeline.writer import OutputSink
 
 log = logging.getLogger(__name__)
 
@@ -38,35 +39,6 @@ CONFIG_NAME = "config.yaml"  # the resolved config of the latest start that pass
 def output_dir(cfg: RunConfig) -> Path:
     """Where this process writes: ``run_dir``, or a per-shard subfolder when the job is split."""
     return shard_path(cfg.run_dir, resolve_shard(cfg.shard))
-
-
-def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
-    """The settings that decide the output rows (the same for every shard of a run); a resumed run must match them.
-
-    Which rows a shard owns is recorded apart, in the manifest's shard map.
-    """
-    m = cfg.model
-    if m.builtin:
-        model = {"builtin": m.builtin, "key": tiny_model.spec_key(tiny_model.BUILTIN_MODELS[m.builtin])}
-    else:
-        model = {"model": m.model, "tokenizer": m.tokenizer, "revision": m.revision}
-    d = cfg.data
-    return {
-        "job": cfg.job.name,
-        "prompt": dataclasses.asdict(cfg.job.prompt),
-        "sampling": dataclasses.asdict(params),
-        "model": model | {"dtype": m.dtype},
-        "data": {
-            "format": d.format.value,
-            "path": d.path,
-            "config_name": d.config_name,
-            "split": d.split,
-            "prompt_column": d.prompt_column,
-            "messages_column": d.messages_column,
-            "id_column": d.id_column,
-        },
-        "engine_seed": cfg.engine.seed,
-    }
 
 
 def model_config(cfg: RunConfig) -> ModelConfig:
@@ -87,15 +59,17 @@ def model_config(cfg: RunConfig) -> ModelConfig:
 
 def load_engine(cfg: RunConfig) -> Any:
     """Load the model and build the engine; JobError naming the model if it cannot be loaded."""
-    from engine import LLMEngine
+    from engine.build import build_engine
 
     mcfg = model_config(cfg)
     try:
-        return LLMEngine.from_config(mcfg, cfg.engine)
+        engine = build_engine(mcfg, None, cfg.engine)
     except Exception as e:
         raise JobError(
             f"cannot load model {cfg.model.name!r} from {mcfg.model!r}: {type(e).__name__}: {e}"
         ) from e
+    log.info("engine: %s", engine.config)
+    return engine
 
 
 def run_generation(
@@ -157,7 +131,7 @@ def _generate(
     requests = _requests(rows, builder, state.done_ids, stats, progress)
     with StopSignal() as stop:
         try:
-            Runner(
+            GenerationLoop(
                 engine,
                 requests,
                 sink,

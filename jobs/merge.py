@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from jobs.atomic import commit_file
 from jobs.config import RunConfig
 from jobs.errors import JobError
-from jobs.manifest import GENERATIONS_DIR, MANIFEST_NAME, STEPS_DIR, Manifest
-from jobs.shards import SHARD_DIR_RE, shard_subdir
+from jobs.pipeline.atomic import commit_file
+from jobs.pipeline.manifest import GENERATIONS_DIR, MANIFEST_NAME, STEPS_DIR, Manifest
+from jobs.pipeline.shards import SHARD_DIR_RE, shard_subdir
 
 if TYPE_CHECKING:
     import datasets
@@ -72,7 +72,7 @@ class RunCheck:
         out = []
         for s in self.shards:
             if s.manifest is not None:
-                entries = s.manifest.shards if kind == GENERATIONS_DIR else s.manifest.steps
+                entries = s.manifest.chunks if kind == GENERATIONS_DIR else s.manifest.steps
                 out += [s.folder / kind / e.file for e in entries]
         return out
 
@@ -136,7 +136,7 @@ def _check_shard(status: ShardStatus) -> list[str]:
         problems.append(
             f"{status.folder}: its manifest's shard map is shard {smap.get('index')} of {smap.get('count')}"
         )
-    for kind, entries in ((GENERATIONS_DIR, m.shards), (STEPS_DIR, m.steps)):
+    for kind, entries in ((GENERATIONS_DIR, m.chunks), (STEPS_DIR, m.steps)):
         for e in entries:
             if not (status.folder / kind / e.file).exists():
                 problems.append(f"{status.folder / kind / e.file}: committed but missing")
@@ -160,7 +160,7 @@ def load_run(run_dir: str | Path) -> datasets.Dataset:
     import datasets
     import pyarrow as pa
 
-    from jobs.writer import ROW_SCHEMA
+    from jobs.pipeline.writer import ROW_SCHEMA
 
     files = require_complete(run_dir).files()
     if not files:

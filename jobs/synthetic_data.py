@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jobs.config import RunConfig
 from jobs.generate import EngineFactory, load_engine, run_generation
-from jobs.progress import RunStats
+from jobs.pipeline.progress import RunStats
 
 
 def run(cfg: RunConfig, make_engine: EngineFactory = load_engine) -> RunStats:

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from engine.outputs import CompletionOutput, RequestError
 from engine.sampling_params import SamplingParams
 from engine.timing import RunSummary, StepRecord
-from jobs.cli import to_run_config
-from jobs.config import RunConfig, register_configs
-from jobs.manifest import GENERATIONS_DIR, MANIFEST_NAME, Manifest, read_stream
+from jobs.cli import register_configs, to_run_config
+from jobs.config import RunConfig
+from jobs.pipeline.manifest import GENERATIONS_DIR, MANIFEST_NAME, Manifest, read_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -37,7 +37,7 @@ def compose_config(overrides: list[str]) -> RunConfig:
 def read_rows(out_dir: Path) -> list[dict]:
     """All rows of the shards the manifest lists."""
     manifest = Manifest.load(out_dir / MANIFEST_NAME)
-    tables = [read_stream(out_dir / GENERATIONS_DIR / s.file) for s in manifest.shards]
+    tables = [read_stream(out_dir / GENERATIONS_DIR / s.file) for s in manifest.chunks]
     return pa.concat_tables(tables).to_pylist() if tables else []
 
 

@@ -1,7 +1,7 @@
 """Hydra's submitit launchers (``hydra/launcher=local`` / ``slurm``) that do not launch complete shards.
 
 Before submitting, each job of the sweep is composed and its shard folder checked: a shard whose
-manifest says it completed these rows with this config and shard map (``jobs.completion``) is
+manifest says it completed these rows with this config and shard map (``jobs.pipeline.completion``) is
 reported as done instead of being submitted, so re-running a multirun submits only what is missing.
 Everything else (the executor, the array, requeueing on preemption) is submitit's.
 """
@@ -39,7 +39,7 @@ class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
 
     def _is_complete(self, overrides: list[str], files_cache: dict[str, Any]) -> bool:
         from jobs.cli import to_run_config
-        from jobs.completion import is_complete
+        from jobs.pipeline.completion import is_complete
 
         assert self.hydra_context is not None and self.config is not None
         try:

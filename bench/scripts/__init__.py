@@ -1,0 +1,1 @@
+"""Benchmark and profiling scripts, run as modules: python -m bench.scripts.<name>."""

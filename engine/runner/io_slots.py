@@ -1,0 +1,157 @@
+"""One I/O slot: pinned host buffers and device buffers for a step's inputs and sampled outputs.
+
+The engine alternates two slots, so preparing step N+1 never touches buffers that step N's
+transfer or compute still reads. All integer inputs live in one buffer and all float inputs
+in another (one host-to-device copy each); the block tables come last, so a step copies only
+the rows it uses. Buffer addresses never change, which is what CUDA graphs need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.model.attention import AttentionMetadata
+from engine.runner.sampler import SamplingTensors
+from engine.runner.step_layout import FLOAT_FIELDS, INT_FIELDS, MAX_SUPPRESS, StepArrays, offsets
+
+_TOKEN_FIELDS = [f.name for f in INT_FIELDS if f.per == "token"]
+_ROW_FIELDS = [f.name for f in INT_FIELDS if f.per == "row" and f.width == 1]
+
+
+@dataclass
+class DeviceStep:
+    """Device views of a slot for one step's (padded) sizes."""
+
+    input_ids: torch.Tensor
+    carry: torch.Tensor
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor
+    sampling: SamplingTensors
+    tokens_out: torch.Tensor
+    logprobs_out: torch.Tensor
+
+
+class IOSlot:
+    """Buffers for steps of up to ``max_tokens`` tokens and ``max_seqs`` sequences."""
+
+    def __init__(
+        self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device, pipeline
+    ):
+        self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
+        self.offsets = offsets(INT_FIELDS, max_tokens, max_seqs, max_seqs, max_blocks_per_seq)
+        self.float_offsets = offsets(FLOAT_FIELDS, max_tokens, max_seqs, max_seqs, max_blocks_per_seq)
+        total = self.offsets["end"]
+        pin = device.type == "cuda"
+        self.host_int = torch.zeros(total, dtype=torch.int64, pin_memory=pin)
+        self.host_float = torch.zeros(self.float_offsets["end"], dtype=torch.float32, pin_memory=pin)
+        self.dev_int = torch.zeros(total, dtype=torch.int64, device=device)
+        self.dev_float = torch.zeros_like(self.host_float, device=device)
+        self.dev_tokens = torch.zeros(max_seqs, dtype=torch.int64, device=device)
+        self.dev_logprobs = torch.zeros(max_seqs, dtype=torch.float32, device=device)
+        self.host_tokens = torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin)
+        self.host_logprobs = torch.zeros(max_seqs, dtype=torch.float32, pin_memory=pin)
+        self._int_np, self._float_np = self.host_int.numpy(), self.host_float.numpy()
+        self.h2d_done = pipeline.event()
+        self.compute_start = pipeline.event(timing=True)
+        self.compute_done = pipeline.event(timing=True)
+        self.d2h_done = pipeline.event()
+        self._copy_len = 0
+
+    def load(self, a: StepArrays, num_tokens: int, num_seqs: int, num_rows: int) -> None:
+        """Write ``a`` into the host buffers, padded to ``num_tokens`` tokens, ``num_seqs`` sequences
+        and ``num_rows`` sampling rows.
+
+        Padding tokens write their KV to the null block's slot 0 and carry nothing; padding
+        sequences see one cached token and sample greedily; their outputs are never read.
+        """
+        ints, floats, off = self._int_np, self._float_np, self.offsets
+        t, s = a.num_tokens, a.num_seqs
+        for name in _TOKEN_FIELDS:
+            view = ints[off[name] : off[name] + num_tokens]
+            view[:t] = getattr(a, name)
+            view[t:] = -1 if name == "carry" else 0
+        if num_tokens > t:  # each padding token is its own padding sequence when there are enough
+            pad = np.arange(num_tokens - t)
+            ints[off["query_seq"] + t : off["query_seq"] + num_tokens] = np.minimum(s + pad, num_seqs - 1)
+        lens = ints[off["context_lens"] : off["context_lens"] + num_seqs]
+        lens[:s], lens[s:] = a.context_lens, 1
+        for name in _ROW_FIELDS:
+            view = ints[off[name] : off[name] + num_rows]
+            view[: a.num_sampled], view[a.num_sampled :] = getattr(a, name), 0
+        if num_rows > a.num_sampled:
+            li = ints[off["logits_indices"] : off["logits_indices"] + num_rows]
+            li[a.num_sampled :] = np.minimum(np.arange(a.num_sampled, num_rows), num_tokens - 1)
+        sup = ints[off["suppress"] : off["suppress"] + num_rows * MAX_SUPPRESS].reshape(
+            num_rows, MAX_SUPPRESS
+        )
+        sup[:] = -1
+        sup[: a.num_sampled] = a.suppress
+        tables = ints[off["block_tables"] : off["block_tables"] + num_seqs * self.width].reshape(
+            num_seqs, self.width
+        )
+        tables[:s, : a.block_tables.shape[1]] = a.block_tables
+        tables[s:, 0] = 0
+        for f in FLOAT_FIELDS:
+            view = floats[self.float_offsets[f.name] : self.float_offsets[f.name] + num_rows]
+            view[: a.num_sampled], view[a.num_sampled :] = (
+                getattr(a, f.name),
+                1.0 if f.name == "top_p" else 0.0,
+            )
+        self._copy_len = off["block_tables"] + num_seqs * self.width
+
+    def copy_to_device(self) -> None:
+        n = self._copy_len
+        self.dev_int[:n].copy_(self.host_int[:n], non_blocking=True)
+        self.dev_float.copy_(self.host_float, non_blocking=True)
+
+    def copy_to_host(self, num_sampled: int) -> None:
+        self.host_tokens[:num_sampled].copy_(self.dev_tokens[:num_sampled], non_blocking=True)
+        self.host_logprobs[:num_sampled].copy_(self.dev_logprobs[:num_sampled], non_blocking=True)
+
+    def view(self, name: str, n: int) -> torch.Tensor:
+        """The first ``n`` entries of an integer field in the device buffer."""
+        return self.dev_int[self.offsets[name] : self.offsets[name] + n]
+
+    def device_step(
+        self, num_tokens: int, num_seqs: int, num_rows: int, a: StepArrays, graph: bool
+    ) -> DeviceStep:
+        """Views of the device buffers sized for this step (fixed sizes when captured in a graph)."""
+        v = self.view
+        fo = self.float_offsets
+        floats = [self.dev_float[fo[f.name] : fo[f.name] + num_rows] for f in FLOAT_FIELDS]
+        width = self.width if graph else max(1, a.block_tables.shape[1])
+        tables = v("block_tables", num_seqs * self.width).view(num_seqs, self.width)[:, :width]
+        metadata = AttentionMetadata(
+            slot_mapping=v("slot_mapping", num_tokens),
+            positions=v("positions", num_tokens),
+            query_seq=v("query_seq", num_tokens),
+            query_index=v("query_index", num_tokens),
+            block_tables=tables,
+            context_lens=v("context_lens", num_seqs),
+            max_query_len=a.max_query_len,
+            max_context_len=a.max_context_len,
+        )
+        sampling = SamplingTensors(
+            temperature=floats[0],
+            top_k=v("top_k", num_rows),
+            top_p=floats[1],
+            min_p=floats[2],
+            seed=v("seed", num_rows),
+            position=v("sample_pos", num_rows),
+            suppress=v("suppress", num_rows * MAX_SUPPRESS).view(num_rows, MAX_SUPPRESS),
+            any_sampling=a.any_sampling,
+            any_top_k_top_p=a.any_top_k_top_p,
+            any_min_p=a.any_min_p,
+        )
+        return DeviceStep(
+            input_ids=v("input_ids", num_tokens),
+            carry=v("carry", num_tokens),
+            metadata=metadata,
+            logits_indices=v("logits_indices", num_rows),
+            sampling=sampling,
+            tokens_out=self.dev_tokens[:num_rows],
+            logprobs_out=self.dev_logprobs[:num_rows],
+        )

@@ -1,0 +1,192 @@
+"""Run steps on the device: copy inputs in, fill carried-over tokens, forward, sample, copy outputs out.
+
+``launch`` enqueues a step on the pipeline's streams and returns at once on CUDA; ``collect``
+waits for that step's outputs (a blocking event) and reads them. Every step, decode-only or
+mixed with prefill chunks, of up to the largest captured size replays a CUDA graph captured per
+slot, padded token count and sampling flags (the paged-attention kernel takes any mix of
+sequences at a fixed token count), all graphs in one shared memory pool; larger steps, and every
+step on CPU or with ``cuda_graphs`` off, run eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from transformers import PreTrainedModel
+
+from engine.model.attention import ForwardContext, set_forward_context
+from engine.runner.io_slots import DeviceStep, IOSlot
+from engine.runner.sampler import sample
+from engine.runner.step_layout import MAX_SUPPRESS, StepArrays
+from engine.runner.streams import Pipeline
+
+
+@dataclass
+class Launched:
+    """A step on its way through the pipeline."""
+
+    slot: int
+    num_rows: int
+    inline_compute_s: float = 0.0
+    """Time the forward pass took inside ``launch`` (on CPU it runs there; on CUDA it is only enqueued)."""
+
+
+def graph_token_sizes(max_tokens: int) -> list[int]:
+    """Padded token counts that get a CUDA graph: fine steps for decode-sized batches, coarser above."""
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(384, max_tokens + 1, 128))
+    return sorted({s for s in sizes if s <= max_tokens} | {max_tokens})
+
+
+class ModelRunner:
+    """Owns the two I/O slots, the streams and the CUDA graphs of one model."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        kv_caches,
+        *,
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        use_kernels: bool,
+        cuda_graphs: bool,
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = next(model.parameters()).device
+        self.pipe = Pipeline(self.device)
+        self.slots = [
+            IOSlot(max_tokens, max_seqs, max_blocks_per_seq, self.device, self.pipe) for _ in range(2)
+        ]
+        self.use_kernels = use_kernels
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and use_kernels
+        self.max_seqs = max_seqs
+        self.graph_sizes = graph_token_sizes(max_tokens) if self.use_graphs else []
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        self._next_slot = 0
+        self.t0 = self.pipe.event(timing=True)
+        with self.pipe.on(self.pipe.compute):
+            self.t0.record()
+
+    # -- the pipeline -------------------------------------------------------------------------
+    def launch(self, a: StepArrays) -> Launched:
+        index = self._next_slot
+        self._next_slot ^= 1
+        slot, prev = self.slots[index], self.slots[index ^ 1]
+        padded = self._graph_size(a)
+        sizes = self._padded_sizes(padded) if padded else (a.num_tokens, a.num_seqs, a.num_sampled)
+        slot.h2d_done.synchronize()  # this slot's host buffers are free once their last copy is done
+        slot.load(a, *sizes)
+        pipe = self.pipe
+        with pipe.on(pipe.h2d):
+            pipe.h2d.wait_event(slot.compute_done)
+            slot.copy_to_device()
+            slot.h2d_done.record()
+        with pipe.on(pipe.compute):
+            pipe.compute.wait_event(slot.h2d_done)
+            slot.compute_start.record()
+            if padded:
+                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p)
+                if key not in self.graphs:
+                    self._capture(key, slot, prev)
+                self.graphs[key].replay()
+            else:
+                self._forward_and_sample(slot.device_step(*sizes, a, graph=False), prev.dev_tokens)
+            slot.compute_done.record()
+        inline = 0.0 if pipe.cuda else slot.compute_start.elapsed_time(slot.compute_done) / 1000
+        with pipe.on(pipe.d2h):
+            pipe.d2h.wait_event(slot.compute_done)
+            slot.copy_to_host(a.num_sampled)
+            slot.d2h_done.record()
+        return Launched(index, a.num_sampled, inline)
+
+    def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
+        """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""
+        slot = self.slots[launched.slot]
+        slot.d2h_done.synchronize()
+        n = launched.num_rows
+        start = self.t0.elapsed_time(slot.compute_start)
+        end = self.t0.elapsed_time(slot.compute_done)
+        return slot.host_tokens[:n].tolist(), slot.host_logprobs[:n].tolist(), start, end
+
+    # -- compute ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
+        # Carry-over: tokens the previous step sampled replace their placeholders, on the device.
+        # (An invalid token of a failing request becomes 0: its step is discarded, the model must not see -1.)
+        carried = prev_tokens[step.carry.clamp(min=0)].clamp(min=0)
+        input_ids = torch.where(step.carry >= 0, carried, step.input_ids)
+        set_forward_context(ForwardContext(step.metadata, self.kv_caches, self.use_kernels))
+        try:
+            out = self.model(
+                input_ids=input_ids[None],
+                position_ids=step.metadata.positions[None],
+                logits_to_keep=step.logits_indices,
+                use_cache=False,
+            )
+        finally:
+            set_forward_context(None)
+        tokens, logprobs = sample(out.logits[0], step.sampling, want_logprobs=True)
+        step.tokens_out.copy_(tokens)
+        step.logprobs_out.copy_(logprobs)
+
+    def _graph_size(self, a: StepArrays) -> int:
+        if not self.use_graphs or a.num_tokens > self.graph_sizes[-1]:
+            return 0
+        return next(s for s in self.graph_sizes if s >= a.num_tokens)
+
+    def _padded_sizes(self, num_tokens: int) -> tuple[int, int, int]:
+        """Tokens, sequences and sampling rows of a graph: a step has at most one sequence per token."""
+        rows = min(num_tokens, self.max_seqs)
+        return num_tokens, rows, rows
+
+    def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
+        _, size, any_sampling, any_top_k_top_p, any_min_p = key
+        shape = SimpleNamespace(
+            max_query_len=1,
+            max_context_len=1,
+            block_tables=None,
+            any_sampling=any_sampling,
+            any_top_k_top_p=any_top_k_top_p,
+            any_min_p=any_min_p,
+        )
+        step = slot.device_step(*self._padded_sizes(size), shape, graph=True)
+        stream = self.pipe.compute
+        # Warm-up outside the capture: Triton compiles and lazy initialisation happen here.
+        self._forward_and_sample(step, prev.dev_tokens)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+            self._forward_and_sample(step, prev.dev_tokens)
+        if self.graph_pool is None:
+            self.graph_pool = graph.pool()
+        self.graphs[key] = graph
+
+    def capture_graphs(self) -> int:
+        """Capture the greedy-sampling graph of every padded token count for both slots, largest first."""
+        if not self.use_graphs:
+            return 0
+        with self.pipe.on(self.pipe.compute):
+            for size in reversed(self.graph_sizes):
+                for index in (0, 1):
+                    slot, prev = self.slots[index], self.slots[index ^ 1]
+                    key = (index, size, False, False, False)
+                    if key not in self.graphs:
+                        self._load_idle_step(slot, size)
+                        self._capture(key, slot, prev)
+        torch.cuda.synchronize(self.device)
+        return len(self.graphs)
+
+    def _load_idle_step(self, slot: IOSlot, size: int) -> None:
+        """Fill a slot's device buffers with a harmless padded step (every row a padding row)."""
+        _, rows, _ = self._padded_sizes(size)
+        slot.dev_int.zero_()
+        arange = torch.arange(size, device=self.device)
+        slot.view("carry", size).fill_(-1)
+        slot.view("context_lens", rows).fill_(1)
+        slot.view("query_seq", size).copy_(arange.clamp(max=rows - 1))
+        slot.view("logits_indices", rows).copy_(arange[:rows])
+        slot.view("suppress", rows * MAX_SUPPRESS).fill_(-1)
+        slot.dev_float.zero_()

@@ -1,0 +1,111 @@
+"""One step's inputs: the host-side arrays (``StepArrays``) and their packed layout, declared once.
+
+The I/O slots (``io_slots``), the tensor-parallel step channel (``engine.parallel.channel``) and
+the model runner all place the arrays by this layout: integer fields back to back in one int64
+buffer (block tables last, so a step copies only the rows it uses), float fields in one float32
+buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_SUPPRESS = 16
+"""Most token ids one request can forbid before min_new_tokens (its EOS and stop ids)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """A packed field: ``per`` says what it has one entry (or ``width`` entries) per."""
+
+    name: str
+    per: str  # "token", "seq" or "row" (a sampling row)
+    width: int | str = 1  # entries per token/seq/row; "blocks" = the block-table width
+
+
+INT_FIELDS = (
+    Field("input_ids", "token"),
+    Field("carry", "token"),
+    Field("positions", "token"),
+    Field("slot_mapping", "token"),
+    Field("query_seq", "token"),
+    Field("query_index", "token"),
+    Field("context_lens", "seq"),
+    Field("logits_indices", "row"),
+    Field("top_k", "row"),
+    Field("seed", "row"),
+    Field("sample_pos", "row"),
+    Field("suppress", "row", MAX_SUPPRESS),
+    Field("block_tables", "seq", "blocks"),
+)
+"""The int64 buffer's fields, in order (block tables last)."""
+FLOAT_FIELDS = (Field("temperature", "row"), Field("top_p", "row"), Field("min_p", "row"))
+"""The float32 buffer's fields, in order."""
+FLAGS = ("max_query_len", "max_context_len", "any_sampling", "any_top_k_top_p", "any_min_p")
+"""Scalars of a step (not in the buffers)."""
+
+
+def field_lengths(
+    fields: tuple[Field, ...], tokens: int, seqs: int, rows: int, blocks: int
+) -> Iterator[tuple[Field, int]]:
+    """Each field with its number of entries for the given sizes."""
+    count = {"token": tokens, "seq": seqs, "row": rows}
+    for f in fields:
+        yield f, count[f.per] * (blocks if f.width == "blocks" else int(f.width))
+
+
+def offsets(fields: tuple[Field, ...], tokens: int, seqs: int, rows: int, blocks: int) -> dict[str, int]:
+    """Each field's start in a buffer sized for up to these counts; ``"end"`` is the total."""
+    out, pos = {}, 0
+    for f, n in field_lengths(fields, tokens, seqs, rows, blocks):
+        out[f.name], pos = pos, pos + n
+    out["end"] = pos
+    return out
+
+
+@dataclass
+class StepArrays:
+    """Host-side inputs of one step. Token arrays have ``num_tokens`` entries, sequence arrays
+    ``num_seqs``, sampling arrays ``num_sampled`` (the sequences that emit a token, in order)."""
+
+    input_ids: np.ndarray
+    carry: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_seq: np.ndarray
+    query_index: np.ndarray
+    block_tables: np.ndarray
+    context_lens: np.ndarray
+    logits_indices: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    min_p: np.ndarray
+    seed: np.ndarray
+    sample_pos: np.ndarray
+    suppress: np.ndarray
+    max_query_len: int
+    max_context_len: int
+    any_sampling: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def num_sampled(self) -> int:
+        return len(self.logits_indices)
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int]:
+        """(tokens, sequences, sampling rows, block-table width)."""
+        return self.num_tokens, self.num_seqs, self.num_sampled, self.block_tables.shape[1]

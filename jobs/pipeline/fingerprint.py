@@ -1,0 +1,39 @@
+"""The settings that decide a run's output rows: what a resumed run must match."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from jobs import tiny_model
+from jobs.config import RunConfig
+
+
+def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
+    """The settings that decide the output rows (the same for every shard of a run); a resumed run must match them.
+
+    Which rows a shard owns is recorded apart, in the manifest's shard map.
+    """
+    m = cfg.model
+    if m.builtin:
+        model = {"builtin": m.builtin, "key": tiny_model.spec_key(tiny_model.BUILTIN_MODELS[m.builtin])}
+    else:
+        model = {"model": m.model, "tokenizer": m.tokenizer, "revision": m.revision}
+    d = cfg.data
+    return {
+        "job": cfg.job.name,
+        "prompt": dataclasses.asdict(cfg.job.prompt),
+        "sampling": dataclasses.asdict(params),
+        "model": model | {"dtype": m.dtype},
+        "data": {
+            "format": d.format.value,
+            "path": d.path,
+            "config_name": d.config_name,
+            "split": d.split,
+            "prompt_column": d.prompt_column,
+            "messages_column": d.messages_column,
+            "id_column": d.id_column,
+        },
+        "engine_seed": cfg.engine.seed,
+    }

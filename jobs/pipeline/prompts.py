@@ -1,0 +1,194 @@
+"""From a source row to an engine request: the prompt (raw text or chat template), its token ids and sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from engine.tokenization import validate_messages
+from jobs.config import DataConfig, PromptConfig
+from jobs.errors import JobError
+from jobs.pipeline.field_types import field_types
+from jobs.pipeline.sources import SourceRow
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """What the runner sends to the engine for one source row, or the error that keeps it from being sent."""
+
+    id: str
+    row_index: int
+    params: SamplingParams
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    token_ids: list[int] | None = None
+    error: str | None = None
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a ``str.format`` template uses (``{topic}`` -> ``topic``)."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            root = name.split(".")[0].split("[")[0]
+            if not root or root.isdigit():
+                raise JobError(f"job.prompt.template must use named fields like {{topic}}, got {template!r}")
+            names.append(root)
+    return list(dict.fromkeys(names))
+
+
+def input_columns(prompt: PromptConfig, data: DataConfig) -> list[str]:
+    """Source columns a job reads (the id column, then the template fields or the prompt/messages columns)."""
+    cols = [data.id_column] if data.id_column else []
+    if prompt.template is not None:
+        cols += template_fields(prompt.template)
+    else:
+        cols += [c for c in (data.messages_column, data.prompt_column) if c]
+        if not (data.messages_column or data.prompt_column):
+            raise JobError("set data.prompt_column, data.messages_column or job.prompt.template")
+    if data.messages_column and not prompt.chat_template and prompt.template is None:
+        raise JobError(
+            "chat messages need the chat template: job.prompt.chat_template=false cannot be used with data.messages_column"
+        )
+    return list(dict.fromkeys(cols))
+
+
+def check_columns(needed: list[str], available: list[str] | None, description: str) -> None:
+    """Fail at start, naming the column, when the source lacks one the job needs."""
+    if available is None:
+        return
+    missing = [c for c in needed if c not in available]
+    if missing:
+        raise JobError(
+            f"{description} has no column {', '.join(map(repr, missing))} (columns: {', '.join(available)})"
+        )
+
+
+class PromptBuilder:
+    """Turns source rows into ``RequestSpec``s with the tokenizer (and its chat template)."""
+
+    def __init__(
+        self, prompt: PromptConfig, data: DataConfig, params: SamplingParams, tokenizer: Any
+    ) -> None:
+        self.cfg = prompt
+        self.data = data
+        self.params = params
+        self.tokenizer = tokenizer
+        uses_chat = prompt.chat_template or (data.messages_column is not None and prompt.template is None)
+        if uses_chat and not getattr(tokenizer, "chat_template", None):
+            raise JobError(
+                "the model's tokenizer has no chat template; set job.prompt.chat_template=false for raw text"
+            )
+
+    def row_id(self, row: SourceRow) -> str:
+        """The row's stable id: its id column value, or its index in the source."""
+        if self.data.id_column is None:
+            return str(row.index)
+        value = row.data.get(self.data.id_column)
+        if value is None:
+            return f"row-{row.index}"
+        # Ids are stored as text, never used as paths; lone surrogates (JSON "\\ud800") are escaped.
+        return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+    def build(self, row: SourceRow, row_id: str) -> RequestSpec:
+        """The request for ``row`` (``error`` set, and no tokens, when the row cannot be used)."""
+        spec = RequestSpec(id=row_id, row_index=row.index, params=self.params)
+        if row.sampling:
+            try:
+                spec.params = dataclasses.replace(self.params, **row.sampling)
+                check_sampling_types(spec.params, row.sampling)
+            except (TypeError, ValueError) as e:
+                spec.params = self.params  # the row's own values cannot be stored either
+                spec.error = f"bad sampling fields {row.sampling}: {e}"
+                return spec
+        if row.error is not None:
+            spec.error = row.error
+        elif self.data.id_column is not None and row.data.get(self.data.id_column) is None:
+            spec.error = f"id column {self.data.id_column!r} is null"
+        else:
+            try:
+                self._fill_prompt(spec, row.data)
+            except ValueError as e:
+                spec.error = str(e)
+            except Exception as e:  # a chat template may raise anything (jinja errors, KeyError, ...)
+                spec.error = f"cannot render the chat template: {type(e).__name__}: {e}"
+        return spec
+
+    def _fill_prompt(self, spec: RequestSpec, data: dict[str, Any]) -> None:
+        messages = data.get(self.data.messages_column) if self.data.messages_column else None
+        if self.cfg.template is None and messages is not None:
+            spec.messages = self._checked_messages(messages)
+        else:
+            text = self._text(data)
+            if not self.cfg.chat_template:
+                spec.prompt = text
+                spec.token_ids = self.tokenizer.encode(text, add_special_tokens=True)
+                return
+            spec.messages = [{"role": "user", "content": text}]
+        if self.cfg.system is not None and spec.messages[0]["role"] != "system":
+            spec.messages.insert(0, {"role": "system", "content": self.cfg.system})
+        spec.prompt = self.tokenizer.apply_chat_template(
+            spec.messages, tokenize=False, add_generation_prompt=True
+        )
+        spec.token_ids = self.tokenizer.encode(spec.prompt, add_special_tokens=False)
+
+    def _text(self, data: dict[str, Any]) -> str:
+        if self.cfg.template is not None:
+            for name in template_fields(self.cfg.template):
+                if data.get(name) is None:
+                    raise ValueError(f"template field {name!r} is missing or null")
+            text = self.cfg.template.format_map(data)
+        else:
+            column = self.data.prompt_column
+            if column is None:
+                raise ValueError(f"messages column {self.data.messages_column!r} is missing or null")
+            text = data.get(column)
+            if text is None:
+                raise ValueError(f"prompt column {column!r} is missing or null")
+            if isinstance(text, bytes):  # a binary column: text only if it is UTF-8
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"prompt column {column!r} is not valid UTF-8: {e}") from None
+            if not isinstance(text, str):
+                raise ValueError(f"prompt column {column!r} must be text, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("prompt is empty")
+        return checked_text(text, "prompt")
+
+    def _checked_messages(self, messages: Any) -> list[dict[str, Any]]:
+        if not isinstance(messages, list):
+            raise ValueError(f"messages must be a list of {{role, content}}, got {type(messages).__name__}")
+        validate_messages(messages)  # the engine's own check; RequestError is a ValueError
+        out = [
+            {"role": m["role"], "content": checked_text(m["content"], f"message {i}")}
+            for i, m in enumerate(messages)
+        ]
+        if self.cfg.drop_trailing_assistant and out[-1]["role"] == "assistant":
+            out.pop()
+        if all(not m["content"].strip() for m in out if m["role"] not in ("system", "developer")):
+            raise ValueError("messages have no content to answer")
+        return out
+
+
+def checked_text(text: str, what: str) -> str:
+    """``text`` if it can be stored as UTF-8; ValueError for lone surrogates (such as JSON's ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: {e.reason} at position {e.start}") from None
+    return text
+
+
+_SAMPLING_TYPES = field_types(SamplingParams)
+
+
+def check_sampling_types(params: SamplingParams, names: Any) -> None:
+    """TypeError unless the per-row sampling fields ``names`` of ``params`` have their declared types (so they can be stored)."""
+    for name in names:
+        (kind, stored), value = _SAMPLING_TYPES[name], getattr(params, name)
+        if not stored.check(value):
+            raise TypeError(f"{name} must be {kind}, got {value!r}")

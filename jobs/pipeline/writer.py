@@ -1,0 +1,191 @@
+"""Output rows and their commit as Arrow IPC stream chunks, with per-step timing, under a run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from engine.outputs import CompletionOutput
+from engine.sampling_params import SamplingParams
+from engine.timing import StepRecord
+from jobs.errors import JobError
+from jobs.pipeline.atomic import commit_file
+from jobs.pipeline.field_types import arrow_struct_fields
+from jobs.pipeline.manifest import GENERATIONS_DIR, STEPS_DIR, ChunkEntry, Manifest
+from jobs.pipeline.prompts import RequestSpec
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+SAMPLING_TYPE = pa.struct(arrow_struct_fields(SamplingParams))
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("row_index", pa.int64()),
+        ("prompt", pa.string()),
+        ("messages", pa.string()),
+        ("completion", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("logprobs", pa.list_(pa.float32())),
+        ("sampling", SAMPLING_TYPE),
+        ("error", pa.string()),
+        ("config_hash", pa.string()),
+    ]
+)
+STEP_SCHEMA = pa.schema(arrow_struct_fields(StepRecord) + [("attempt", pa.int64())])
+
+
+MAX_PENDING_STEPS = 10_000  # step records buffered at most between commits
+
+
+def custom_id(row_id: str, sample_index: int) -> str:
+    """The stable id of one output row: source row id and sample index."""
+    return f"{row_id}-{sample_index}"
+
+
+def output_rows(spec: RequestSpec, outputs: list[CompletionOutput], digest: str) -> list[dict[str, Any]]:
+    """One row per finished sample of a request."""
+    base = _base_row(spec, digest)
+    return [
+        base
+        | {
+            "custom_id": custom_id(spec.id, out.index),
+            "sample_index": out.index,
+            "completion": out.text,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids) or len(spec.token_ids or ()),
+            "completion_tokens": len(out.token_ids),
+            "logprobs": out.logprobs,
+            "error": out.error,
+        }
+        for out in outputs
+    ]
+
+
+def error_rows(spec: RequestSpec, error: str, digest: str) -> list[dict[str, Any]]:
+    """One row per sample of a request that could not run, each carrying ``error``."""
+    base = _base_row(spec, digest)
+    return [
+        base
+        | {
+            "custom_id": custom_id(spec.id, i),
+            "sample_index": i,
+            "completion": "",
+            "token_ids": [],
+            "finish_reason": "error",
+            "prompt_tokens": len(spec.token_ids or ()),
+            "completion_tokens": 0,
+            "logprobs": None,
+            "error": error,
+        }
+        for i in range(spec.params.n)
+    ]
+
+
+def _base_row(spec: RequestSpec, digest: str) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "row_index": spec.row_index,
+        "prompt": spec.prompt,
+        "messages": None if spec.messages is None else json.dumps(spec.messages, ensure_ascii=False),
+        "sampling": {name: getattr(spec.params, name) for name in SAMPLING_FIELDS},
+        "config_hash": digest,
+    }
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows as a table of ``ROW_SCHEMA``; a row that does not fit the schema becomes an error row (never a crash)."""
+    try:
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return pa.Table.from_pylist([_storable(r) for r in rows], schema=ROW_SCHEMA)
+
+
+def _storable(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        pa.Table.from_pylist([row], schema=ROW_SCHEMA)
+        return row
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+        keep = {k: row[k] for k in ("custom_id", "id", "sample_index", "row_index", "config_hash")}
+        error = f"row cannot be stored: {type(e).__name__}: {e}"
+        return dict.fromkeys(ROW_SCHEMA.names) | keep | {"finish_reason": "error", "error": error}
+
+
+def write_stream(path: Path, table: pa.Table) -> None:
+    """Commit ``table`` to ``path`` as an Arrow IPC stream (temp file, fsync, rename, fsync the folder)."""
+
+    def write(f: Any) -> None:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
+
+    commit_file(path, write, kind="chunk")
+
+
+class OutputSink:
+    """Buffers finished rows and step records; commits them as chunk files, then updates the manifest."""
+
+    def __init__(self, out_dir: Path, manifest: Manifest, every_rows: int, every_seconds: float) -> None:
+        self.gen_dir = out_dir / GENERATIONS_DIR
+        self.steps_dir = out_dir / STEPS_DIR
+        self.manifest = manifest
+        self.every_rows = max(1, every_rows)
+        self.every_seconds = every_seconds
+        self._rows: list[dict[str, Any]] = []
+        self._sources = 0
+        self._steps: list[dict[str, Any]] = []
+        self._last_commit = time.monotonic()
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """Queue all rows of one source row (they always land in the same chunk)."""
+        self._rows.extend(rows)
+        self._sources += 1
+
+    def add_steps(self, records: list[StepRecord]) -> None:
+        """Queue per-step timing records."""
+        attempt = self.manifest.attempts
+        self._steps.extend(r.to_dict() | {"attempt": attempt} for r in records)
+
+    def maybe_commit(self) -> bool:
+        """Commit if enough rows or time have accumulated; True if it did."""
+        due = len(self._rows) >= self.every_rows or len(self._steps) >= MAX_PENDING_STEPS
+        if not due and time.monotonic() - self._last_commit >= self.every_seconds:
+            due = bool(self._rows or self._steps)
+        if due:
+            self.commit()
+        return due
+
+    def commit(self) -> None:
+        """Write pending rows and steps as new chunk files and record them in the manifest."""
+        self._last_commit = time.monotonic()
+        if not self._rows and not self._steps:
+            return
+        # Take the buffers first: after a failure below, nothing is written twice (uncommitted rows are
+        # generated again by the next run).
+        rows, steps, sources = self._rows, self._steps, self._sources
+        self._rows, self._steps, self._sources = [], [], 0
+        seq, committed = self.manifest.next_seq, self.manifest.rows
+        try:
+            if rows:
+                name = f"chunk-{seq:06d}.arrow"
+                write_stream(self.gen_dir / name, rows_table(rows))
+                self.manifest.chunks.append(ChunkEntry(name, len(rows), sources))
+            if steps:
+                name = f"steps-{seq:06d}.arrow"
+                write_stream(self.steps_dir / name, pa.Table.from_pylist(steps, schema=STEP_SCHEMA))
+                self.manifest.steps.append(ChunkEntry(name, len(steps)))
+            self.manifest.save()
+        except OSError as e:  # disk full, quota, I/O error: stop with a message, keep what is committed
+            raise JobError(
+                f"cannot commit {len(rows)} rows to {self.gen_dir.parent}: {e}. The {committed} rows "
+                "committed before are kept; free space and run the same command again to resume"
+            ) from e

@@ -1,0 +1,81 @@
+"""`python run.py job=benchmark bench=smoke` produces one consistent table (a test of the job, not of speed)."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from bench.workloads import WORKLOADS
+from jobs_helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    proc = run_cli(["job=benchmark", "bench=smoke", f"run_dir={out}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_benchmark_prints_and_writes_one_table(smoke_run):
+    out, proc = smoke_run
+    summary = json.loads((out / "benchmark.json").read_text())
+    systems = [r["system"] for r in summary["rows"]]
+    assert systems == ["engine async", "engine sync", "transformers sync"]
+    for system in systems:
+        assert system in proc.stdout
+    with ipc.open_stream(out / "benchmark.arrow") as reader:
+        table = reader.read_all()
+    assert table.column("system").to_pylist() == systems
+    assert table.column("tokens_per_s").to_pylist() == pytest.approx(
+        [r["tokens_per_s"] for r in summary["rows"]]
+    )
+
+
+def test_benchmark_numbers_are_consistent(smoke_run):
+    out, _ = smoke_run
+    summary = json.loads((out / "benchmark.json").read_text())
+    workload = WORKLOADS["smoke"]
+    expected_tokens = sum(n for _, n in workload.requests())
+    floor_tps = expected_tokens / summary["floor_s"]
+    assert summary["copy_bandwidth_gbs"] > 0 and summary["floor_s"] > 0
+    best = summary["transformers_best_tokens_per_s"]
+    assert best > 0
+    for row in summary["rows"]:
+        assert row["tokens_per_s"] == pytest.approx(row["generated_tokens"] / row["wall_s"])
+        assert row["fraction_of_floor"] == pytest.approx(row["tokens_per_s"] / floor_tps)
+        assert row["speedup_vs_transformers"] == pytest.approx(row["tokens_per_s"] / best)
+    engine_rows = [r for r in summary["rows"] if r["system"].startswith("engine")]
+    for row in engine_rows:
+        assert row["generated_tokens"] == expected_tokens
+        assert 0 < row["gpu_busy"] <= 1.0
+        assert row["startup_s"] >= 0 and row["capture_s"] >= 0
+    (tf,) = [r for r in summary["rows"] if r["system"] == "transformers sync"]
+    assert tf["generated_tokens"] == 16 * len(workload.requests())
+
+
+def test_benchmark_writes_the_step_records_of_each_mode(smoke_run):
+    out, _ = smoke_run
+    summary = json.loads((out / "benchmark.json").read_text())
+    for mode in ("async", "sync"):
+        with ipc.open_stream(out / f"steps_{mode}.arrow") as reader:
+            steps: pa.Table = reader.read_all()
+        (row,) = [r for r in summary["rows"] if r["system"] == f"engine {mode}"]
+        assert f"{steps.num_rows} steps" in row["note"]
+        assert set(steps.column("mode").to_pylist()) == {mode}
+        total = sum(steps.column("decode_tokens").to_pylist()) + sum(
+            steps.column("prefill_tokens").to_pylist()
+        )
+        assert total >= row["generated_tokens"]
+
+
+def test_benchmark_writes_a_timing_report_for_each_mode(smoke_run):
+    out, _ = smoke_run
+    for mode in ("async", "sync"):
+        report = json.loads((out / f"{mode}_report.json").read_text())
+        with ipc.open_stream(out / f"steps_{mode}.arrow") as reader:
+            steps = reader.read_all()
+        assert report["steps"] == steps.num_rows
+        png = out / f"{mode}_timeline.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,151 @@
+"""Crash safety with the fake engine: kills at random points, lost manifest updates, SIGTERM, leftovers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from jobs.errors import Interrupted, JobError
+from jobs.generate import output_dir, run_generation
+from jobs.pipeline.manifest import GENERATIONS_DIR, MANIFEST_NAME, Manifest, read_stream
+from jobs.pipeline.signals import StopSignal
+from jobs_helpers import compose_config, fake_factory, generated_part, read_rows, rows_by_custom_id
+
+
+def config(root, *overrides):
+    return compose_config([f"output_root={root}", "runner.progress=false", "checkpoint.rows=3", *overrides])
+
+
+def baseline_rows(tmp_path, *overrides) -> dict:
+    cfg = config(tmp_path / "baseline", *overrides)
+    run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    return {cid: generated_part(r) for cid, r in rows_by_custom_id(read_rows(output_dir(cfg))).items()}
+
+
+def assert_same_rows(cfg, expected: dict) -> None:
+    rows = rows_by_custom_id(read_rows(output_dir(cfg)))
+    assert {cid: generated_part(r) for cid, r in rows.items()} == expected
+    assert Manifest.load(output_dir(cfg) / MANIFEST_NAME).complete
+
+
+def _run_in_child(cfg, step_sleep: float) -> None:
+    try:
+        make = fake_factory(max_num_seqs=4, on_step=lambda e: time.sleep(step_sleep))[1]
+        run_generation(cfg, make_engine=make)
+    finally:
+        os._exit(0)
+
+
+def test_resume_after_sigkill_at_random_points_has_every_row_once(tmp_path):
+    expected = baseline_rows(tmp_path)
+    cfg = config(tmp_path / "killed")
+    manifest = output_dir(cfg) / MANIFEST_NAME
+    rng = random.Random(1234)
+    ctx = multiprocessing.get_context("fork")
+    kills = 0
+    for _ in range(8):
+        child = ctx.Process(target=_run_in_child, args=(cfg, 0.002))
+        child.start()
+        while not manifest.exists() and child.is_alive():
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        child.join()
+    assert kills >= 5
+    engines, make = fake_factory(max_num_seqs=4)
+    run_generation(cfg, make_engine=make)
+    assert_same_rows(cfg, expected)
+    committed_before_last_run = len(expected) - 2 * len(engines[0].added)
+    assert committed_before_last_run > 0
+
+
+def test_shard_renamed_but_not_in_manifest_is_adopted_without_duplicates(tmp_path, monkeypatch):
+    expected = baseline_rows(tmp_path)
+    cfg = config(tmp_path / "crashed")
+    real_save, calls = Manifest.save, []
+
+    def crash_on_fourth_save(self):
+        calls.append(1)
+        if len(calls) >= 4:  # the first save is at start: this is after the third shard's rename
+            raise OSError("simulated crash before the manifest update")
+        real_save(self)
+
+    monkeypatch.setattr(Manifest, "save", crash_on_fourth_save)
+    with pytest.raises(JobError, match="simulated crash"):
+        run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    monkeypatch.setattr(Manifest, "save", real_save)
+    on_disk = sorted(p.name for p in (output_dir(cfg) / GENERATIONS_DIR).glob("*.arrow"))
+    listed = [s.file for s in Manifest.load(output_dir(cfg) / MANIFEST_NAME).chunks]
+    orphans = set(on_disk) - set(listed)
+    assert len(orphans) >= 1
+    orphan_ids = {
+        r["id"] for name in orphans for r in read_stream(output_dir(cfg) / GENERATIONS_DIR / name).to_pylist()
+    }
+
+    engines, make = fake_factory(max_num_seqs=4)
+    run_generation(cfg, make_engine=make)
+    assert orphan_ids and not orphan_ids & set(engines[0].added), "adopted rows are not generated again"
+    assert_same_rows(cfg, expected)
+
+
+def test_truncated_unlisted_shard_is_deleted_and_its_rows_generated_again(tmp_path):
+    expected = baseline_rows(tmp_path)
+    cfg = config(tmp_path / "truncated")
+    run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    manifest = Manifest.load(output_dir(cfg) / MANIFEST_NAME)
+    lost = manifest.chunks.pop(3)
+    manifest.save()
+    path = output_dir(cfg) / GENERATIONS_DIR / lost.file
+    path.write_bytes(path.read_bytes()[:-20])
+    (output_dir(cfg) / GENERATIONS_DIR / "shard-999999.arrow.tmp").write_bytes(b"half written")
+
+    engines, make = fake_factory(max_num_seqs=4)
+    stats = run_generation(cfg, make_engine=make)
+    assert not path.exists() and not (output_dir(cfg) / GENERATIONS_DIR / "shard-999999.arrow.tmp").exists()
+    assert stats.source_rows == lost.sources
+    assert_same_rows(cfg, expected)
+
+
+def test_shard_listed_but_missing_is_generated_again(tmp_path):
+    expected = baseline_rows(tmp_path)
+    cfg = config(tmp_path / "missing")
+    run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    lost = Manifest.load(output_dir(cfg) / MANIFEST_NAME).chunks[2]
+    (output_dir(cfg) / GENERATIONS_DIR / lost.file).unlink()
+    stats = run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert stats.source_rows == lost.sources
+    assert_same_rows(cfg, expected)
+
+
+def test_sigterm_commits_finished_rows_and_reports_the_interruption(tmp_path):
+    expected = baseline_rows(tmp_path)
+    cfg = config(tmp_path / "terminated")
+
+    def terminate_at_step_40(engine):
+        if engine.steps == 40:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="interrupted: committed") as err:
+        run_generation(cfg, make_engine=fake_factory(max_num_seqs=4, on_step=terminate_at_step_40)[1])
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert err.value.exit_code == 143 and err.value.signal_name == "SIGTERM"
+    manifest = Manifest.load(output_dir(cfg) / MANIFEST_NAME)
+    assert 0 < manifest.rows < len(expected) and not manifest.complete
+    assert manifest.rows == len(read_rows(output_dir(cfg)))
+    run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert_same_rows(cfg, expected)
+
+
+def test_second_stop_signal_stops_at_once():
+    with StopSignal() as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)

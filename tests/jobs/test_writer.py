@@ -1,0 +1,50 @@
+"""Output shards: atomic commits and a schema that datasets and pyarrow both read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import datasets
+import pyarrow as pa
+import pytest
+
+from engine.sampling_params import SamplingParams
+from jobs.distill import run as run_distill
+from jobs.generate import output_dir
+from jobs.pipeline.atomic import commit_file
+from jobs.pipeline.manifest import read_stream
+from jobs.pipeline.writer import ROW_SCHEMA, SAMPLING_TYPE
+from jobs_helpers import compose_config, fake_factory
+
+
+def test_failed_commit_leaves_neither_the_file_nor_a_temporary(tmp_path):
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        commit_file(tmp_path / "x.arrow", fail)
+    assert list(tmp_path.iterdir()) == []
+    commit_file(tmp_path / "x.arrow", lambda f: f.write(b"ok"))
+    assert (tmp_path / "x.arrow").read_bytes() == b"ok" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_sampling_column_covers_every_sampling_parameter():
+    assert [f.name for f in SAMPLING_TYPE] == [f.name for f in dataclasses.fields(SamplingParams)]
+
+
+def test_distill_output_loads_with_datasets_and_pyarrow(tmp_path):
+    cfg = compose_config(
+        [f"output_root={tmp_path}", "runner.progress=false", "job=distill", "checkpoint.rows=8"]
+    )
+    run_distill(cfg, make_engine=fake_factory()[1])
+    files = sorted((output_dir(cfg) / "generations").glob("*.arrow"))
+    assert len(files) > 1
+    ds = datasets.load_dataset("arrow", data_files=[str(p) for p in files], split="train")
+    assert ds.num_rows == 50 and set(ds.column_names) == set(ROW_SCHEMA.names)
+    row = ds[0]
+    assert row["sampling"]["logprobs"] is True and len(row["logprobs"]) == row["completion_tokens"]
+    table = pa.concat_tables(read_stream(p) for p in files)
+    assert table.schema.equals(ROW_SCHEMA) and table.num_rows == 50
+    steps = datasets.Dataset.from_file(str(next((output_dir(cfg) / "steps").glob("*.arrow"))))
+    assert {"step", "gpu_compute_s", "kv_blocks_used", "attempt"} <= set(steps.column_names)
