@@ -77,12 +77,20 @@ class Workload:
     new_tokens: tuple[int, int]
     seed: int = 0
     engine: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)
+    """SamplingParams fields of every request (greedy by default); EOS is always ignored."""
 
-    def requests(self) -> list[tuple[list[int], int]]:
-        rng = random.Random(self.seed)
+    def params(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            **({"temperature": 0.0} | self.sampling), max_new_tokens=max_new_tokens, ignore_eos=True
+        )
+
+    def requests(self, count: int | None = None, seed: int | None = None) -> list[tuple[list[int], int]]:
+        """(prompt ids, new tokens) of each request; other ``seed`` values give other requests of the same shape."""
+        rng = random.Random(self.seed if seed is None else seed)
         vocab = self.model["vocab_size"]
         out = []
-        for _ in range(self.num_requests):
+        for _ in range(self.num_requests if count is None else count):
             n = rng.randint(*self.prompt_len)
             out.append(([rng.randrange(3, vocab) for _ in range(n)], rng.randint(*self.new_tokens)))
         return out
@@ -100,6 +108,16 @@ class Workload:
 WORKLOADS = {
     "w1": Workload("w1", LLAMA3_8B, 32, (256, 256), (1024, 1024), engine=dict(max_num_seqs=32)),
     "w2": Workload("w2", LLAMA32_1B, 1024, (64, 512), (64, 512), engine=dict(max_num_seqs=256)),
+    # W2 sampled, as users run it: temperature 1.0, top_p 0.95
+    "w2s": Workload(
+        "w2s",
+        LLAMA32_1B,
+        1024,
+        (64, 512),
+        (64, 512),
+        engine=dict(max_num_seqs=256),
+        sampling=dict(temperature=1.0, top_p=0.95),
+    ),
     # Llama-3-70B shape (141 GB of bf16 weights: tensor parallel over 2+ H200s, 4+ H100s); 64 requests decode
     # together in every step, 256-token prompts x exactly 256 new tokens.
     "w70b": Workload("w70b", LLAMA3_70B, 64, (256, 256), (256, 256), engine=dict(max_num_seqs=64)),
@@ -176,10 +194,10 @@ def run_engine(
     startup = time.perf_counter() - t0 - engine.graph_capture_s
     t1 = time.perf_counter()
     if warmup:
-        for i, (prompt, _) in enumerate(workload.requests()[:4]):
-            engine.add_request(
-                f"warmup-{i}", prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
-            )
+        # Prompts that are not timed (so the prefix cache holds none of the timed ones), with the
+        # workload's sampling (so its graphs are captured before the timing starts).
+        for i, (prompt, _) in enumerate(workload.requests(count=4, seed=workload.seed + 1)):
+            engine.add_request(f"warmup-{i}", prompt, workload.params(8))
         while engine.has_unfinished_requests():
             engine.step()
     capture = engine.graph_capture_s + time.perf_counter() - t1
@@ -193,7 +211,7 @@ def run_engine(
         ready()
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(requests):
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+        engine.add_request(str(i), prompt, workload.params(n))
     generated = 0
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -1,4 +1,4 @@
-"""Engine benchmark job: ``python run.py job=benchmark bench=w1|w2|w70b|smoke [engine.tensor_parallel_size=N]``.
+"""Benchmark job: ``python run.py job=benchmark bench=w1|w2|w2s|w3|w70b|smoke|job [engine.tensor_parallel_size=N]``.
 
 The workload sets the engine's settings; of ``engine.*`` only ``tensor_parallel_size`` is read.
 """
@@ -20,7 +20,14 @@ def run(cfg: RunConfig) -> None:
     """Run the benchmark ``cfg.bench`` names and write its table, step records and reports into ``run_dir``."""
     bench = cfg.bench
     if bench is None:
-        raise JobError(f"choose a benchmark: bench=<{'|'.join(WORKLOADS)}>")
+        raise JobError(f"choose a benchmark: bench=<{'|'.join(WORKLOADS)}|job>")
+    if bench.workload == "job":
+        from jobs.benchmark_job_path import run_job_path
+
+        if bench.job_model not in ("qwen2-1.5b", "tiny"):
+            raise JobError(f"bench.job_model: unknown model {bench.job_model!r} (qwen2-1.5b or tiny)")
+        run_job_path(cfg)
+        return
     if bench.workload not in WORKLOADS:
         known = ", ".join(WORKLOADS)
         raise JobError(

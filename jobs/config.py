@@ -111,6 +111,13 @@ class BenchConfig:
     transformers_max_requests: int | None = None
     transformers_max_new_tokens: int | None = None
     report: bool = True  # a timing report (timeline PNG, summary) per engine mode, as job=report writes
+    # bench=job only (the synthetic_data job against the engine alone, jobs/benchmark_job_path.py):
+    num_prompts: int = 4000
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    tokenizer_dir: str = "${oc.env:BATCHGEN_QWEN2_TOKENIZER,../shared/data/qwen2-tokenizer}"
+    job_model: str = "qwen2-1.5b"  # or "tiny" (a 2-layer model of the same vocabulary, for a CPU trial)
 
 
 @dataclass

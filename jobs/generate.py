@@ -23,6 +23,7 @@ from jobs.pipeline.fingerprint import fingerprint
 from jobs.pipeline.generation_loop import GenerationLoop
 from jobs.pipeline.lock import run_lock
 from jobs.pipeline.manifest import config_hash, finished_run, open_run
+from jobs.pipeline.prefetch import Prefetcher
 from jobs.pipeline.progress import Progress, RunStats
 from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
 from jobs.pipeline.shards import resolve_shard, shard_map, shard_path
@@ -128,7 +129,7 @@ def _generate(
     max_in_flight = cfg.runner.max_in_flight or 2 * cfg.engine.max_num_seqs
     start = time.monotonic()
     rows = select_rows(source, cfg.data.limit, cfg.shard)
-    requests = _requests(rows, builder, state.done_ids, stats, progress)
+    requests = Prefetcher(_requests(rows, builder, state.done_ids, stats, progress), max_in_flight)
     with StopSignal() as stop:
         try:
             GenerationLoop(
@@ -142,6 +143,7 @@ def _generate(
                 stats=stats,
             ).run()
         finally:
+            requests.close()
             progress.close()
     stats.wall_s = time.monotonic() - start
     stats.gpu_busy = engine.summary().gpu_busy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -47,11 +48,13 @@ class Progress:
         self.refresh_s = refresh_s
         self._start = time.monotonic()
         self._last = 0.0
+        self._lock = threading.Lock()  # rows skipped on resume are counted by the request prefetch thread
 
     def advance(self, rows: int) -> None:
         """Count finished (or skipped) source rows."""
         if rows:
-            self.bar.update(rows)
+            with self._lock:
+                self.bar.update(rows)
 
     def due(self) -> bool:
         """Whether the engine figures should be refreshed now (throttled)."""

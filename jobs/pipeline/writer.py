@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,14 @@ def write_stream(path: Path, table: pa.Table) -> None:
 
 
 class OutputSink:
-    """Buffers finished rows and step records; commits them as chunk files, then updates the manifest."""
+    """Buffers finished rows and step records; commits them as chunk files, then updates the manifest.
+
+    ``maybe_commit`` hands a due commit to a background thread (the write, the fsyncs and the
+    manifest update leave the generation loop's critical path) and returns; one commit is in
+    flight at a time, in order, and its error is raised by the next call; rows waiting behind it
+    are bounded to twice ``every_rows``. ``commit`` waits for
+    the one in flight, then commits what is left, in the caller's thread.
+    """
 
     def __init__(self, out_dir: Path, manifest: Manifest, every_rows: int, every_seconds: float) -> None:
         self.gen_dir = out_dir / GENERATIONS_DIR
@@ -144,6 +152,9 @@ class OutputSink:
         self._sources = 0
         self._steps: list[dict[str, Any]] = []
         self._last_commit = time.monotonic()
+        self._attempt = manifest.attempts
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         """Queue all rows of one source row (they always land in the same chunk)."""
@@ -152,27 +163,49 @@ class OutputSink:
 
     def add_steps(self, records: list[StepRecord]) -> None:
         """Queue per-step timing records."""
-        attempt = self.manifest.attempts
+        attempt = self._attempt
         self._steps.extend(r.to_dict() | {"attempt": attempt} for r in records)
 
     def maybe_commit(self) -> bool:
-        """Commit if enough rows or time have accumulated; True if it did."""
+        """Start a commit in the background if enough rows or time have accumulated; True if it did."""
+        if self._pending is not None:
+            if not self._pending.done() and len(self._rows) < 2 * self.every_rows:
+                return False
+            self._wait()  # done, or the buffer has grown to twice a commit: wait (bounded memory)
         due = len(self._rows) >= self.every_rows or len(self._steps) >= MAX_PENDING_STEPS
         if not due and time.monotonic() - self._last_commit >= self.every_seconds:
             due = bool(self._rows or self._steps)
         if due:
-            self.commit()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+            self._pending = self._pool.submit(self._write, *self._take())
         return due
 
     def commit(self) -> None:
-        """Write pending rows and steps as new chunk files and record them in the manifest."""
+        """Wait for the commit in flight, then write what is pending, in this thread."""
+        self._wait()
+        self._write(*self._take())
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # raises the commit's own error
+
+    def _take(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        # Take the buffers first: after a failure in the write, nothing is written twice (uncommitted
+        # rows are generated again by the next run).
         self._last_commit = time.monotonic()
-        if not self._rows and not self._steps:
-            return
-        # Take the buffers first: after a failure below, nothing is written twice (uncommitted rows are
-        # generated again by the next run).
-        rows, steps, sources = self._rows, self._steps, self._sources
+        taken = self._rows, self._steps, self._sources
         self._rows, self._steps, self._sources = [], [], 0
+        return taken
+
+    def _write(self, rows: list[dict[str, Any]], steps: list[dict[str, Any]], sources: int) -> None:
+        """Write ``rows`` and ``steps`` as new chunk files and record them in the manifest."""
+        if not rows and not steps:
+            return
         seq, committed = self.manifest.next_seq, self.manifest.rows
         try:
             if rows:

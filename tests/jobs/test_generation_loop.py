@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -180,5 +181,6 @@ def test_checkpoint_every_n_seconds_commits_before_the_row_count_is_reached(tmp_
     run_generation(by_rows, make_engine=fake_factory(max_num_seqs=4)[1])
     assert len(Manifest.load(output_dir(by_rows) / MANIFEST_NAME).chunks) == 1
     by_time = config(tmp_path / "time", "checkpoint.rows=1000", "checkpoint.seconds=0")
-    run_generation(by_time, make_engine=fake_factory(max_num_seqs=4)[1])
+    # A step that takes a few milliseconds, as a real one does: each background commit is done before the next is due.
+    run_generation(by_time, make_engine=fake_factory(max_num_seqs=4, on_step=lambda *a: time.sleep(0.005))[1])
     assert len(Manifest.load(output_dir(by_time) / MANIFEST_NAME).chunks) > 10
