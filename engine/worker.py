@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.config import EngineConfig
+from engine.model.attention import UnsupportedAttentionError
 from engine.model.fusion import fuse_model
 from engine.model.kernels import kernels_available
 from engine.model.loader import model_shape
@@ -81,6 +82,11 @@ class Worker:
         )
         self.tp: Any = None
         """Rank 0 of a tensor-parallel group: its ``engine.parallel.group.TPContext``."""
+        try:
+            self.runner.probe()
+        except UnsupportedAttentionError as exc:
+            family = getattr(model.config, "model_type", type(model).__name__)
+            raise UnsupportedAttentionError(f"model family {family!r} is not supported: {exc}") from exc
         self.close_hooks: list[Callable[[], None]] = []
         """Run first by ``close`` (rank 0 of a tensor-parallel group stops the followers there)."""
         started = time.perf_counter()

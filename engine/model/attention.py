@@ -14,6 +14,15 @@ import torch
 from transformers import AttentionInterface
 
 ATTN_IMPLEMENTATION = "batchgen_paged"
+HARMLESS_KWARGS = frozenset(
+    {"position_ids", "use_cache", "cache_position", "output_attentions", "output_router_logits", "is_causal"}
+)
+"""Keywords a model's attention may pass that do not change the result here (the cache is ours, the
+attention is causal); any other keyword with a value is refused, see ``paged_attention_forward``."""
+
+
+class UnsupportedAttentionError(ValueError):
+    """The model's attention asks for something the paged attention does not implement."""
 
 
 @dataclass
@@ -86,10 +95,12 @@ def reference_paged_attention(
     scaling: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch paged attention over a padded per-sequence layout (the CPU path and the test oracle).
 
-    ``query``: [T, heads, head_dim]; returns [T, heads, head_dim].
+    ``query``: [T, heads, head_dim]; returns [T, heads, head_dim]. ``sinks`` [heads]: a logit per
+    head that joins each softmax's denominator and attends to nothing (gpt-oss's attention sinks).
     """
     num_tokens, heads, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
@@ -120,7 +131,12 @@ def reference_paged_attention(
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    out = torch.einsum("bhgql,bhld->bhgqd", scores.softmax(dim=-1), values)
+    if sinks is None:
+        probs = scores.softmax(dim=-1)
+    else:
+        sink = sinks.float().view(1, kvh, group, 1, 1).expand(batch, kvh, group, q_len, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    out = torch.einsum("bhgql,bhld->bhgqd", probs, values)
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, heads, d)
     return out[meta.query_seq, meta.query_index].to(query.dtype)
 
@@ -137,18 +153,34 @@ def paged_attention_forward(
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface entry: [1, H, T, d] in, [1, T, H, d] out."""
+    """transformers attention-interface entry: [1, H, T, d] in, [1, T, H, d] out.
+
+    ``s_aux`` (attention sinks, gpt-oss) is implemented; a keyword that is neither implemented nor
+    harmless raises UnsupportedAttentionError instead of being dropped (the engine probes one
+    forward at start, so a new architecture fails there, loudly).
+    """
+    sinks = kwargs.pop("s_aux", None)
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in HARMLESS_KWARGS)
+    if kwargs.get("is_causal") is False:
+        unknown.append("is_causal=False")
+    if unknown:
+        raise UnsupportedAttentionError(
+            f"{type(module).__name__} passes {', '.join(unknown)} to its attention function, which the "
+            "paged attention does not implement"
+        )
     ctx = get_forward_context()
     k_cache, v_cache = ctx.kv_caches[module.layer_idx]
     q = query[0].transpose(0, 1)  # [T, H, d]
     write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), ctx.metadata.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if ctx.use_kernels:
+    if ctx.use_kernels and sinks is None:
         from engine.model.kernels import paged_attention
 
         out = paged_attention(q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap)
-    else:
-        out = reference_paged_attention(q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap)
+    else:  # CPU, and attention sinks until the kernel has them
+        out = reference_paged_attention(
+            q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap, sinks
+        )
     return out.unsqueeze(0), None
 
 

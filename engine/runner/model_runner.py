@@ -143,9 +143,10 @@ class ModelRunner:
         rows = min(num_tokens, self.max_seqs)
         return num_tokens, rows, rows
 
-    def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
-        _, size, any_sampling, any_top_k_top_p, any_min_p = key
-        shape = SimpleNamespace(
+    @staticmethod
+    def _idle_shape(any_sampling: bool, any_top_k_top_p: bool, any_min_p: bool) -> SimpleNamespace:
+        """The host-side sizes a padded idle step (or a captured graph) is built with."""
+        return SimpleNamespace(
             max_query_len=1,
             max_context_len=1,
             block_tables=None,
@@ -153,6 +154,22 @@ class ModelRunner:
             any_top_k_top_p=any_top_k_top_p,
             any_min_p=any_min_p,
         )
+
+    def probe(self) -> None:
+        """One eager forward of a one-token padding step (it writes only the null block), so that a
+        model whose attention asks for what is not implemented fails at start, not in a step."""
+        slot, prev = self.slots[0], self.slots[1]
+        self._load_idle_step(slot, 1)
+        with self.pipe.on(self.pipe.compute):
+            self._forward_and_sample(
+                slot.device_step(1, 1, 1, self._idle_shape(False, False, False), graph=True), prev.dev_tokens
+            )
+        if self.pipe.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
+        _, size, any_sampling, any_top_k_top_p, any_min_p = key
+        shape = self._idle_shape(any_sampling, any_top_k_top_p, any_min_p)
         step = slot.device_step(*self._padded_sizes(size), shape, graph=True)
         stream = self.pipe.compute
         # Warm-up outside the capture: Triton compiles and lazy initialisation happen here.

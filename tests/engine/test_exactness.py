@@ -97,3 +97,38 @@ def test_logprobs_are_the_models_log_softmax_of_chosen_tokens():
         logp = ref(ids).logits[0].log_softmax(-1)
     expected = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
     assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_attention_sinks_match_transformers():
+    """gpt-oss: sinks in every softmax, alternating sliding and full attention, MoE."""
+    import transformers
+
+    from engine import LLM
+    from tiny_models import _COMMON
+
+    config = transformers.GptOssConfig(
+        **{
+            **_COMMON,
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        }
+    )
+    llm = LLM(config, None, dtype="float32", device="cpu", num_blocks=256, block_size=8)
+    with torch.no_grad():  # random sinks: with zeros they would hardly change the result
+        for layer in llm.engine.model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    assert_matches_reference(llm, random_prompts(4, [23, 9, 30, 14], seed=5), [16, 12, 10, 14])
+
+
+def test_an_attention_keyword_the_engine_does_not_implement_is_refused_at_start(monkeypatch):
+    import engine.model.attention as attention
+
+    # Gemma's attention passes position_ids; pretend it is a keyword that changes the result.
+    monkeypatch.setattr(attention, "HARMLESS_KWARGS", attention.HARMLESS_KWARGS - {"position_ids"})
+    with pytest.raises(
+        attention.UnsupportedAttentionError, match="model family 'gemma' is not supported.*position_ids"
+    ):
+        make_llm("gemma")
