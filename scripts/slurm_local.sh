@@ -27,7 +27,12 @@ stop() {
     [[ $name == munged ]] && pidfile=/run/munge/munged.pid
     [[ -f $pidfile ]] || continue
     pid=$(cat "$pidfile")
-    kill "$pid" 2>/dev/null && log "stopped $name ($pid)"
+    if kill "$pid" 2>/dev/null; then
+      # wait for it to exit (slurmctld saves its state first), so that a restart finds it gone
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+      log "stopped $name ($pid)"
+    fi
     rm -f "$pidfile"
   done
 }
@@ -58,6 +63,8 @@ SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120).
+AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurm/slurmctld.pid
@@ -73,11 +80,14 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
-# Quick turnaround for short test jobs: SIGKILL 5 s after SIGTERM, records kept 5 min.
+# Quick turnaround for short test jobs: pending jobs (a requeued one, once eligible) are scheduled
+# within a second, SIGKILL comes 5 s after SIGTERM, ended jobs stay listed by squeue for 5 min.
+SchedulerParameters=sched_interval=1,bf_interval=1
 KillWait=5
 MinJobAge=300
 NodeName=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# OverSubscribe: each CPU may be given to 4 jobs at once, so that small test tasks run side by side.
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
   )
   if [[ ! -f $CONF ]] || [[ "$(cat "$CONF")" != "$new" ]]; then
@@ -108,8 +118,8 @@ start() {
   if ! pgrep -x slurmd >/dev/null; then slurmd; fi
   local deadline=$((SECONDS + TIMEOUT_S))
   until up; do
-    if ((SECONDS > deadline)); then
-      log "node $NODE not idle after ${TIMEOUT_S}s: $(sinfo 2>&1 | tail -n +2)"
+    if ((SECONDS > deadline)) || ! pgrep -x slurmctld >/dev/null || ! pgrep -x slurmd >/dev/null; then
+      log "node $NODE not idle (${SECONDS}s): $(sinfo 2>&1 | tail -n +2)"
       tail -n 5 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
       return 1
     fi
