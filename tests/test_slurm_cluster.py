@@ -207,7 +207,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def time_limit_run(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path
 ) -> Iterator[tuple[Path, Multirun]]:
-    """One task with a one-minute limit and a 10 s signal delay, started first: it runs beside the others.
+    """One task with a one-minute limit and a 10 s signal delay, started after the interrupted array, beside it.
 
     Slurm checks time limits every 30 s and sends the signal up to that much early, so USR2 comes
     20 to 50 s after the start and the limit is enforced at 60 to 90 s; the first attempt (12 commits
@@ -237,8 +237,11 @@ def three_tasks(
 ) -> Iterator[tuple[Path, Multirun, str, Path]]:
     """A 3-task array, and the docs' dependent merge (``sbatch --dependency=afterok:<array>``) submitted meanwhile.
 
+    Started once the interrupted array's tasks are interrupted: it runs while they wait to be requeued.
+
     Yields the output root, the finished multirun, the merge job's id and its log file.
     """
+    interrupted_start[3].result(timeout=240)
     root = tmp_path_factory.mktemp("three")
     cleanup: list[str] = []
     run = Multirun(slurm_args(root, models_dir, "bg-three", 3, 9), "bg-three")
@@ -258,8 +261,10 @@ def three_tasks(
         assert submitted.returncode == 0, submitted.stderr
         merge_job = submitted.stdout.strip().split(";")[0]
         cleanup.append(merge_job)
-        state = job_state(merge_job)
-        assert run.proc.poll() is not None or state.startswith("PENDING|Dependency"), (array, state)
+        queued = subprocess.run(
+            ["squeue", "-h", "-j", merge_job, "-o", "%T|%E"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        assert queued.startswith("PENDING|") and f"afterok:{array}" in queued, queued
         run.wait()
         yield root, run, merge_job, merge_log
     finally:
@@ -297,7 +302,7 @@ def interrupt(root: Path, proc: subprocess.Popen) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def interrupted_start(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, time_limit_run: tuple[Path, Multirun]
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
 ) -> Iterator[tuple[Path, list[str], Multirun, Future]]:
     """The array of ``interrupted_array`` started, its interruptions sent from a thread as soon as due."""
     root = tmp_path_factory.mktemp("interrupted")
