@@ -4,18 +4,27 @@ Before submitting, each job of the sweep is composed and its shard folder checke
 manifest says it completed these rows with this config and shard map (``jobs.pipeline.completion``) is
 reported as done instead of being submitted, so re-running a multirun submits only what is missing.
 Everything else (the executor, the array, requeueing on preemption) is submitit's.
+
+On a cluster without accounting storage (``sacct`` answers "accounting storage is disabled"), the
+Slurm launcher follows its tasks with ``squeue`` instead (``SqueueWatcher``): submitit would warn on
+every poll, and never see a task that ended without a result (cancelled) as finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import open_dict, read_write
+from submitit.core import logger as submitit_logger
+from submitit.slurm import slurm as submitit_slurm
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +68,93 @@ class LocalLauncher(_SkipComplete, submitit_launcher.LocalLauncher):
 
 class SlurmLauncher(_SkipComplete, submitit_launcher.SlurmLauncher):
     """submitit's Slurm launcher (one array task per job), skipping complete shards."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """Submit and wait as submitit does, following the tasks with ``squeue`` when ``sacct`` is disabled."""
+        with squeue_watcher_if_no_accounting():
+            return super().launch(job_overrides, initial_job_idx)
+
+
+# sacct's answer on a cluster with AccountingStorageType=accounting_storage/none
+ACCOUNTING_DISABLED = "accounting storage is disabled"
+# The state of a task that squeue no longer lists (ended more than MinJobAge ago): ended, state unknown.
+GONE = "ENDED_NOT_IN_QUEUE"
+
+
+def accounting_disabled() -> bool:
+    """True if ``sacct`` says the cluster keeps no accounting (any other answer or error: False)."""
+    try:
+        proc = subprocess.run(
+            ["sacct", "-n", "-X", "-o", "JobID", "-j", "1"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode != 0 and ACCOUNTING_DISABLED in proc.stderr.lower()
+
+
+class SqueueWatcher(submitit_slurm.SlurmInfoWatcher):
+    """submitit's Slurm watcher asking ``squeue`` (all states, array tasks expanded) instead of ``sacct``.
+
+    squeue lists ended jobs for MinJobAge (300 s by default) with their final state; a registered task
+    it no longer lists has ended (state ``GONE``), and submitit reads its result, or reports it failed.
+    """
+
+    def _make_command(self) -> list[str] | None:
+        to_check = sorted({x.split("_")[0] for x in self._registered - self._finished})
+        if not to_check:
+            return None
+        return ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(to_check)]
+
+    def update(self) -> None:
+        """Ask squeue for the unfinished registered jobs; errors other than "no such job" are logged."""
+        command = self._make_command()
+        if command is None:
+            return
+        self._num_calls += 1
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            submitit_logger.get_logger().warning(f"squeue failed: {e}; status may be inaccurate")
+        else:
+            if proc.returncode == 0 or "invalid job id" in proc.stderr.lower():
+                self._info_dict.update(self.read_info(proc.stdout if proc.returncode == 0 else ""))
+            else:
+                submitit_logger.get_logger().warning(
+                    f"{' '.join(command)} failed ({proc.returncode}): {proc.stderr.strip()}; "
+                    "status may be inaccurate"
+                )
+        self._last_status_check = time.time()
+        for job_id in self._registered - self._finished:
+            if self.is_done(job_id, mode="cache"):
+                self._finished.add(job_id)
+
+    def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+        """States from ``<job id>|<state>`` lines; registered unfinished jobs not listed are ``GONE``."""
+        if not isinstance(string, str):
+            string = string.decode()
+        listed: dict[str, dict[str, str]] = {}
+        for line in string.splitlines():
+            job_id, sep, state = line.strip().partition("|")
+            if sep:
+                listed[job_id] = {"JobID": job_id, "State": state.strip()}
+        gone = {
+            job_id: {"JobID": job_id, "State": GONE}
+            for job_id in self._registered - self._finished
+            if job_id not in listed
+        }
+        return listed | gone
+
+
+@contextlib.contextmanager
+def squeue_watcher_if_no_accounting() -> Iterator[None]:
+    """While launching, let submitit's Slurm jobs use a ``SqueueWatcher`` if the cluster has no accounting."""
+    if not accounting_disabled():
+        yield
+        return
+    log.info("Slurm accounting is disabled: following the tasks with squeue instead of sacct")
+    previous = submitit_slurm.SlurmJob.watcher
+    submitit_slurm.SlurmJob.watcher = SqueueWatcher(delay_s=previous._delay_s)
+    try:
+        yield
+    finally:
+        submitit_slurm.SlurmJob.watcher = previous
