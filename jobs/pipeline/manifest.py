@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from jobs.errors import JobError
 from jobs.pipeline.atomic import commit_json, fsync_dir, remove_temporaries
+from jobs.pipeline.row_keys import CommittedRows
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,10 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 @dataclass
 class ResumeState:
-    """A run directory ready to continue: its manifest and the source row ids already committed."""
+    """A run directory ready to continue: its manifest and the source rows already committed."""
 
     manifest: Manifest
-    done_ids: set[str]
+    done: CommittedRows
 
 
 def finished_run(out_dir: Path, digest: str, shard_map: dict[str, Any], limit: int | None) -> Manifest | None:
@@ -198,18 +199,18 @@ def open_run(
     for d in (gen_dir, steps_dir):
         for p in remove_temporaries(d):
             log.warning("removed half-written %s", p)
-    done_ids: set[str] = set()
-    manifest.chunks = _recover(gen_dir, manifest.chunks, digest, done_ids)
+    done = CommittedRows()
+    manifest.chunks = _recover(gen_dir, manifest.chunks, digest, done)
     manifest.steps = _recover(steps_dir, manifest.steps, None, None)
     manifest.attempts += 1
     manifest.complete = False
     manifest.limit = limit
     manifest.save()
-    return ResumeState(manifest, done_ids)
+    return ResumeState(manifest, done)
 
 
 def _recover(
-    directory: Path, entries: list[ChunkEntry], digest: str | None, done: set[str] | None
+    directory: Path, entries: list[ChunkEntry], digest: str | None, done: CommittedRows | None
 ) -> list[ChunkEntry]:
     """Check listed files, then adopt or delete unlisted ones; fill ``done`` with committed ids."""
     kept = []
@@ -219,7 +220,7 @@ def _recover(
             log.warning("%s is listed in the manifest but missing: its rows will be generated again", path)
             continue
         if done is not None:
-            done.update(read_stream(path).column("id").to_pylist())
+            done.update(CommittedRows.of(read_stream(path)))
         kept.append(entry)
     listed = {e.file for e in entries}
     for path in sorted(directory.glob("*.arrow")):
@@ -235,7 +236,7 @@ def _recover(
     return kept
 
 
-def _adoptable(path: Path, digest: str | None, done: set[str] | None) -> ChunkEntry | None:
+def _adoptable(path: Path, digest: str | None, done: CommittedRows | None) -> ChunkEntry | None:
     """A manifest entry for an unlisted file that is complete and consistent, else None (it is then deleted)."""
     try:
         table = read_stream(path)
@@ -244,10 +245,10 @@ def _adoptable(path: Path, digest: str | None, done: set[str] | None) -> ChunkEn
         return None
     if done is None:
         return ChunkEntry(path.name, table.num_rows)
-    ids = table.column("id").to_pylist()
+    rows = CommittedRows.of(table)
     hashes = set(table.column("config_hash").to_pylist())
-    if hashes - {digest} or done.intersection(ids):
+    if hashes - {digest} or done.overlaps(rows):
         log.warning("deleting unlisted file %s: other config or rows already committed", path)
         return None
-    done.update(ids)
-    return ChunkEntry(path.name, table.num_rows, len(set(ids)))
+    done.update(rows)
+    return ChunkEntry(path.name, table.num_rows, len(rows))

@@ -182,3 +182,30 @@ def test_checkpoint_every_n_seconds_commits_before_the_row_count_is_reached(tmp_
     by_time = config(tmp_path / "time", "checkpoint.rows=1000", "checkpoint.seconds=0")
     run_generation(by_time, make_engine=fake_factory(max_num_seqs=4)[1])
     assert len(Manifest.load(output_dir(by_time) / MANIFEST_NAME).chunks) > 10
+
+
+DUPLICATE_IDS = ["a", "b", "a", "c", "b", "d"]
+
+
+def duplicate_source(tmp_path):
+    return write_jsonl(
+        tmp_path / "dups.jsonl", [{"id": i, "prompt": f"row {k}"} for k, i in enumerate(DUPLICATE_IDS)]
+    )
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 16])
+def test_a_repeated_id_is_an_error_row_whatever_max_in_flight(tmp_path, max_in_flight):
+    data = duplicate_source(tmp_path)
+    cfg = config(tmp_path, f"data.path={data}", "job.sampling.n=2", f"runner.max_in_flight={max_in_flight}")
+    stats = run_generation(cfg, make_engine=fake_factory()[1])
+    rows = rows_by_custom_id(read_rows(output_dir(cfg)))  # custom_ids stay unique
+    assert len(rows) == 2 * 6 and stats.complete and stats.source_rows == 6
+    by_index = {(r["row_index"], r["sample_index"]): r for r in rows.values()}
+    for k in (0, 1, 3, 5):
+        assert by_index[k, 0]["error"] is None and by_index[k, 0]["custom_id"] == f"{DUPLICATE_IDS[k]}-0"
+    for k, first in ((2, 0), (4, 1)):
+        for s in (0, 1):
+            row = by_index[k, s]
+            assert row["id"] == DUPLICATE_IDS[k] and row["finish_reason"] == "error"
+            assert row["error"] == f"duplicate id, first seen at source row {first}"
+    assert stats.error_rows == 4

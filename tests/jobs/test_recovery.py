@@ -149,3 +149,28 @@ def test_second_stop_signal_stops_at_once():
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signum == signal.SIGINT
         os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("crash_at_save", [2, 3, 4, 5])
+def test_resume_treats_repeated_ids_the_same_and_writes_every_row_once(tmp_path, monkeypatch, crash_at_save):
+    ids = ["a", "b", "a", "c", "b", "d", "a", "e"]
+    data = tmp_path / "dups.jsonl"
+    data.write_text("".join(f'{{"id": "{i}", "prompt": "row {k}"}}\n' for k, i in enumerate(ids)))
+    settings = (f"data.path={data}", "checkpoint.rows=1", "job.sampling.n=2")
+    expected = baseline_rows(tmp_path, *settings)
+    cfg = config(tmp_path / "crashed", *settings)
+    real_save, calls = Manifest.save, []
+
+    def crash(self):
+        calls.append(1)
+        if len(calls) == crash_at_save:  # the chunk is renamed into place, the manifest update is lost
+            raise OSError("simulated crash before the manifest update")
+        real_save(self)
+
+    monkeypatch.setattr(Manifest, "save", crash)
+    with pytest.raises(JobError, match="simulated crash"):
+        run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    monkeypatch.setattr(Manifest, "save", real_save)
+    run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert_same_rows(cfg, expected)
+    assert len(expected) == 2 * len(ids)
