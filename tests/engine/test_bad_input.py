@@ -62,3 +62,15 @@ def test_request_id_already_in_flight_is_refused():
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     llm.engine.add_request("a", [8, 9], SamplingParams(max_new_tokens=3))  # free again once finished
+
+
+def test_stop_strings_without_a_tokenizer_are_refused():
+    llm = make_llm("llama")  # token ids in, token ids out: no tokenizer to find text in
+    with pytest.raises(RequestError, match=r"stop strings \['a'\] need a tokenizer"):
+        llm.engine.add_request("s", [5, 6, 7], SamplingParams(stop=["a"], max_new_tokens=3))
+    assert not llm.engine.has_unfinished_requests()
+    outs = llm.generate([[5, 6, 7]], SamplingParams(stop=["a"], max_new_tokens=3))
+    assert "need a tokenizer" in outs[0].error
+    llm.engine.add_request(
+        "t", [5, 6, 7], SamplingParams(stop_token_ids=[9], max_new_tokens=3)
+    )  # ids are fine
