@@ -220,7 +220,13 @@ def _recover(
             log.warning("%s is listed in the manifest but missing: its rows will be generated again", path)
             continue
         if done is not None:
-            done.update(CommittedRows.of(read_stream(path)))
+            try:
+                done.update(CommittedRows.of(read_stream(path)))
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+                raise JobError(
+                    f"{path} is listed in {MANIFEST_NAME} but cannot be read ({type(e).__name__}: {e}): "
+                    f"delete it and run the same command again, which generates its {entry.rows} rows again"
+                ) from e
         kept.append(entry)
     listed = {e.file for e in entries}
     for path in sorted(directory.glob("*.arrow")):
