@@ -202,6 +202,14 @@ def open_run(
     done = CommittedRows()
     manifest.chunks = _recover(gen_dir, manifest.chunks, digest, done)
     manifest.steps = _recover(steps_dir, manifest.steps, None, None)
+    if limit is not None and done.last_row >= limit:
+        before = "null" if manifest.limit is None else manifest.limit
+        raise JobError(
+            f"{out_dir} holds committed rows up to source row {done.last_row}, beyond data.limit={limit} "
+            f"(the last attempt ran with data.limit={before}): finishing at the lower limit would leave them "
+            f"in a run marked complete for {limit}. Run with data.limit={before} (or any limit above "
+            f"{done.last_row}) to finish it, or pass overwrite=true to start over with data.limit={limit}"
+        )
     manifest.attempts += 1
     manifest.complete = False
     manifest.limit = limit

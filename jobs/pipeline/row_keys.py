@@ -34,14 +34,17 @@ class CommittedRows:
 
     ids: set[str] = field(default_factory=set)
     duplicate_rows: set[int] = field(default_factory=set)
+    last_row: int = -1  # the largest row_index committed (-1: none)
 
     @staticmethod
     def of(table: pa.Table) -> CommittedRows:
         """The source rows ``table`` (a chunk) holds."""
         dup = pc.fill_null(pc.match_substring_regex(table.column("custom_id"), _DUPLICATE_PATTERN), False)
+        last = pc.max(table.column("row_index")).as_py()
         return CommittedRows(
             set(table.column("id").filter(pc.invert(dup)).to_pylist()),
             set(table.column("row_index").filter(dup).to_pylist()),
+            -1 if last is None else last,
         )
 
     def __len__(self) -> int:
@@ -55,3 +58,4 @@ class CommittedRows:
         """Add ``other``'s rows."""
         self.ids |= other.ids
         self.duplicate_rows |= other.duplicate_rows
+        self.last_row = max(self.last_row, other.last_row)

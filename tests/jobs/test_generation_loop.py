@@ -209,3 +209,29 @@ def test_a_repeated_id_is_an_error_row_whatever_max_in_flight(tmp_path, max_in_f
             assert row["id"] == DUPLICATE_IDS[k] and row["finish_reason"] == "error"
             assert row["error"] == f"duplicate id, first seen at source row {first}"
     assert stats.error_rows == 4
+
+
+def test_lowering_the_limit_below_committed_rows_of_an_incomplete_run_is_refused(tmp_path):
+    def fail_at_step_6(engine):
+        if engine.steps == 6:
+            raise RuntimeError("node lost")
+
+    def cfg_at(limit):
+        settings = ("checkpoint.rows=1", "job.sampling.n=1", "job.sampling.max_new_tokens=8")
+        return config(tmp_path, f"data.limit={limit}", *settings)
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_generation(cfg_at(10), make_engine=fake_factory(max_num_seqs=4, on_step=fail_at_step_6)[1])
+    out = output_dir(cfg_at(10))
+    last = max(r["row_index"] for r in read_rows(out))
+    assert 1 <= last < 9, "an incomplete run with rows beyond a lower limit"
+    engines, make = fake_factory()
+    with pytest.raises(
+        JobError, match=rf"rows up to source row {last}, beyond data.limit={last}.*data.limit=10"
+    ):
+        run_generation(cfg_at(last), make_engine=make)
+    assert engines == [], "refused before the model loads"
+    assert not Manifest.load(out / MANIFEST_NAME).complete
+    assert run_generation(cfg_at(last + 1), make_engine=make).complete  # keeps every committed row: fine
+    run_generation(cfg_at(10), make_engine=make)
+    assert sorted(r["row_index"] for r in read_rows(out)) == list(range(10))
