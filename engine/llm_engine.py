@@ -89,6 +89,11 @@ class LLMEngine:
         request_id = str(request_id)
         if request_id in self._live_requests:
             raise RequestError(f"request id {request_id!r} is already in flight")
+        if params.stop and self.detokenizer is None:
+            raise RequestError(
+                f"stop strings {list(params.stop)!r} need a tokenizer to find them in the text, and this engine "
+                "has none: pass a tokenizer to the engine, or stop on token ids (stop_token_ids)"
+            )
         ids = tokenize_prompt(prompt, self.tokenizer, self.vocab_size)
         total = len(ids) + params.max_new_tokens
         if total > self.max_model_len:

@@ -36,7 +36,7 @@ class Sequence:
     num_pending_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
-    last_block_hash: int | None = None
+    last_block_hash: bytes | None = None
     status: SeqStatus = SeqStatus.WAITING
     admitted_at: int = -1
     finish_reason: str | None = None

@@ -26,6 +26,7 @@ from jobs.pipeline.manifest import config_hash, finished_run, open_run
 from jobs.pipeline.prefetch import Prefetcher
 from jobs.pipeline.progress import Progress, RunStats
 from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
+from jobs.pipeline.row_keys import CommittedRows
 from jobs.pipeline.shards import resolve_shard, shard_map, shard_path
 from jobs.pipeline.signals import StopSignal
 from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
@@ -129,7 +130,9 @@ def _generate(
     max_in_flight = cfg.runner.max_in_flight or 2 * cfg.engine.max_num_seqs
     start = time.monotonic()
     rows = select_rows(source, cfg.data.limit, cfg.shard)
-    requests = Prefetcher(_requests(rows, builder, state.done_ids, stats, progress), max_in_flight)
+    requests = Prefetcher(
+        _requests(rows, builder, state.done, stats, progress, cfg.data.id_column is not None), max_in_flight
+    )
     with StopSignal() as stop:
         try:
             GenerationLoop(
@@ -160,12 +163,34 @@ def _generate(
 
 
 def _requests(
-    rows: Iterator[SourceRow], builder: PromptBuilder, done: set[str], stats: RunStats, progress: Progress
+    rows: Iterator[SourceRow],
+    builder: PromptBuilder,
+    done: CommittedRows,
+    stats: RunStats,
+    progress: Progress,
+    check_ids: bool,
 ) -> Iterator[RequestSpec]:
-    """Requests for the rows not committed yet (committed ones are counted and skipped)."""
+    """Requests for the rows not committed yet (committed ones are counted and skipped).
+
+    With ``check_ids`` (ids from a column), a row whose id an earlier row of the shard has is an
+    error request, whatever is in flight or committed: the first occurrence is decided by source
+    order alone, so a resumed run makes the same choice. ``first_seen`` holds one entry per distinct
+    id of the shard; a committed id leaves ``done`` when its row comes by.
+    """
+    first_seen: dict[str, int] = {}
     for row in rows:
         row_id = builder.row_id(row)
-        if row_id in done:
+        if check_ids:
+            first = first_seen.setdefault(row_id, row.index)
+            if first != row.index:
+                if row.index in done.duplicate_rows:
+                    stats.skipped_rows += 1
+                    progress.advance(1)
+                else:
+                    yield builder.duplicate(row, row_id, first)
+                continue
+        if row_id in done.ids:
+            done.ids.discard(row_id)
             stats.skipped_rows += 1
             progress.advance(1)
             continue

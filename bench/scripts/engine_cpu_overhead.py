@@ -1,7 +1,8 @@
 """CPU cost of one engine step without the model: W2-shaped requests, forward pass replaced by a stub.
 
 Measures what the async loop must hide behind the GPU's step time: scheduling, building the
-step's inputs, loading an I/O slot and processing the sampled tokens.
+step's inputs, loading an I/O slot and processing the sampled tokens; and, within that, the
+prefix-cache keys (SHA-256 of each full block, ``engine.block_manager.block_hash``).
 Usage: python -m bench.scripts.engine_cpu_overhead
 """
 
@@ -11,7 +12,24 @@ import time
 from transformers import LlamaConfig
 
 from engine import EngineConfig, LLMEngine, SamplingParams, build_random_model
+from engine import block_manager as block_manager_module
 from engine.runner.model_runner import Launched
+
+
+class TimedBlockHash:
+    """Wraps ``block_hash`` to count the blocks hashed and the time spent (the wrapper's own cost included)."""
+
+    def __init__(self) -> None:
+        self.inner = block_manager_module.block_hash
+        self.calls = 0
+        self.seconds = 0.0
+
+    def __call__(self, parent, tokens):
+        t0 = time.perf_counter()
+        out = self.inner(parent, tokens)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
 
 
 def main() -> None:
@@ -47,11 +65,18 @@ def main() -> None:
             prompt,
             SamplingParams(temperature=0, max_new_tokens=rng.randint(64, 512), ignore_eos=True),
         )
+    timed = TimedBlockHash()
+    block_manager_module.block_hash = timed  # the module function the engine's BlockManager calls
     steps, start = 0, time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
-    print(f"{steps} steps, {(time.perf_counter() - start) / steps * 1000:.2f} ms of CPU per step")
+    per_step = (time.perf_counter() - start) / steps
+    print(f"{steps} steps, {per_step * 1000:.2f} ms of CPU per step")
+    print(
+        f"prefix-cache keys: {timed.calls} blocks, {timed.seconds / timed.calls * 1e6:.2f} us per block, "
+        f"{timed.seconds / steps * 1e6:.1f} us per step ({timed.seconds / steps / per_step:.1%} of the step)"
+    )
 
 
 if __name__ == "__main__":

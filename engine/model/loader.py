@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,7 @@ def resolve_dtype(
 
 def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     """``from_pretrained`` from a local path or hub id, with paged attention switched on."""
+    check_paths(cfg)
     try:
         config = AutoConfig.from_pretrained(
             cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -122,7 +124,37 @@ def prepare_model(model: PreTrainedModel, device: torch.device) -> PreTrainedMod
     return model.to(device).eval().requires_grad_(False)
 
 
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local folder rather than a hub id (``name`` or ``namespace/name``)."""
+    return (
+        path.startswith(("/", ".", "~"))
+        or path.count("/") > 1
+        or (os.sep != "/" and os.sep in path)
+        or ("/" in path and os.path.isdir(path.split("/", 1)[0]))
+    )
+
+
+def check_paths(cfg: ModelConfig) -> None:
+    """Say plainly what is wrong with a local model or tokenizer folder, before transformers takes it for a hub id.
+
+    ModelLoadError: ``no such folder: <path>`` for a local-looking path that does not exist,
+    ``no config.json in <folder>`` for a model folder without one.
+    """
+    for path, is_model in ((cfg.model, True), (cfg.tokenizer, False)):
+        if not path:
+            continue
+        folder = os.path.expanduser(path)
+        if os.path.isdir(folder):
+            if is_model and not os.path.isfile(os.path.join(folder, "config.json")):
+                raise ModelLoadError(f"no config.json in {path}")
+        elif os.path.exists(folder):
+            raise ModelLoadError(f"not a folder: {path} (a model or tokenizer is a folder or a hub id)")
+        elif looks_local(path):
+            raise ModelLoadError(f"no such folder: {path}")
+
+
 def load_tokenizer(cfg: ModelConfig):
+    check_paths(cfg)
     source = cfg.tokenizer or cfg.model
     try:
         return AutoTokenizer.from_pretrained(

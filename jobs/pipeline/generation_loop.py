@@ -89,13 +89,6 @@ class GenerationLoop:
             spec = next(self.requests, None)
             if spec is None:
                 return True
-            if spec.id in self._in_flight:
-                log.warning(
-                    "skipping row %d: id %r is already in flight (ids must be unique)",
-                    spec.row_index,
-                    spec.id,
-                )
-                continue
             if spec.error is None:
                 try:
                     self.engine.add_request(spec.id, spec.token_ids, spec.params)

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from jobs.errors import JobError
 from jobs.pipeline.atomic import commit_json, fsync_dir, remove_temporaries
+from jobs.pipeline.row_keys import CommittedRows
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,10 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 @dataclass
 class ResumeState:
-    """A run directory ready to continue: its manifest and the source row ids already committed."""
+    """A run directory ready to continue: its manifest and the source rows already committed."""
 
     manifest: Manifest
-    done_ids: set[str]
+    done: CommittedRows
 
 
 def finished_run(out_dir: Path, digest: str, shard_map: dict[str, Any], limit: int | None) -> Manifest | None:
@@ -198,18 +199,26 @@ def open_run(
     for d in (gen_dir, steps_dir):
         for p in remove_temporaries(d):
             log.warning("removed half-written %s", p)
-    done_ids: set[str] = set()
-    manifest.chunks = _recover(gen_dir, manifest.chunks, digest, done_ids)
+    done = CommittedRows()
+    manifest.chunks = _recover(gen_dir, manifest.chunks, digest, done)
     manifest.steps = _recover(steps_dir, manifest.steps, None, None)
+    if limit is not None and done.last_row >= limit:
+        before = "null" if manifest.limit is None else manifest.limit
+        raise JobError(
+            f"{out_dir} holds committed rows up to source row {done.last_row}, beyond data.limit={limit} "
+            f"(the last attempt ran with data.limit={before}): finishing at the lower limit would leave them "
+            f"in a run marked complete for {limit}. Run with data.limit={before} (or any limit above "
+            f"{done.last_row}) to finish it, or pass overwrite=true to start over with data.limit={limit}"
+        )
     manifest.attempts += 1
     manifest.complete = False
     manifest.limit = limit
     manifest.save()
-    return ResumeState(manifest, done_ids)
+    return ResumeState(manifest, done)
 
 
 def _recover(
-    directory: Path, entries: list[ChunkEntry], digest: str | None, done: set[str] | None
+    directory: Path, entries: list[ChunkEntry], digest: str | None, done: CommittedRows | None
 ) -> list[ChunkEntry]:
     """Check listed files, then adopt or delete unlisted ones; fill ``done`` with committed ids."""
     kept = []
@@ -219,7 +228,13 @@ def _recover(
             log.warning("%s is listed in the manifest but missing: its rows will be generated again", path)
             continue
         if done is not None:
-            done.update(read_stream(path).column("id").to_pylist())
+            try:
+                done.update(CommittedRows.of(read_stream(path)))
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+                raise JobError(
+                    f"{path} is listed in {MANIFEST_NAME} but cannot be read ({type(e).__name__}: {e}): "
+                    f"delete it and run the same command again, which generates its {entry.rows} rows again"
+                ) from e
         kept.append(entry)
     listed = {e.file for e in entries}
     for path in sorted(directory.glob("*.arrow")):
@@ -235,7 +250,7 @@ def _recover(
     return kept
 
 
-def _adoptable(path: Path, digest: str | None, done: set[str] | None) -> ChunkEntry | None:
+def _adoptable(path: Path, digest: str | None, done: CommittedRows | None) -> ChunkEntry | None:
     """A manifest entry for an unlisted file that is complete and consistent, else None (it is then deleted)."""
     try:
         table = read_stream(path)
@@ -244,10 +259,10 @@ def _adoptable(path: Path, digest: str | None, done: set[str] | None) -> ChunkEn
         return None
     if done is None:
         return ChunkEntry(path.name, table.num_rows)
-    ids = table.column("id").to_pylist()
+    rows = CommittedRows.of(table)
     hashes = set(table.column("config_hash").to_pylist())
-    if hashes - {digest} or done.intersection(ids):
+    if hashes - {digest} or done.overlaps(rows):
         log.warning("deleting unlisted file %s: other config or rows already committed", path)
         return None
-    done.update(ids)
-    return ChunkEntry(path.name, table.num_rows, len(set(ids)))
+    done.update(rows)
+    return ChunkEntry(path.name, table.num_rows, len(rows))

@@ -12,6 +12,7 @@ from engine.tokenization import validate_messages
 from jobs.config import DataConfig, PromptConfig
 from jobs.errors import JobError
 from jobs.pipeline.field_types import field_types
+from jobs.pipeline.row_keys import duplicate_error
 from jobs.pipeline.sources import SourceRow
 
 
@@ -26,6 +27,7 @@ class RequestSpec:
     messages: list[dict[str, Any]] | None = None
     token_ids: list[int] | None = None
     error: str | None = None
+    duplicate_of: int | None = None  # the source row that has this id first (this row is then an error)
 
 
 def template_fields(template: str) -> list[str]:
@@ -92,6 +94,16 @@ class PromptBuilder:
             return f"row-{row.index}"
         # Ids are stored as text, never used as paths; lone surrogates (JSON "\\ud800") are escaped.
         return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+    def duplicate(self, row: SourceRow, row_id: str, first_row: int) -> RequestSpec:
+        """The error request of a row whose id the source row ``first_row`` of this shard has already."""
+        return RequestSpec(
+            id=row_id,
+            row_index=row.index,
+            params=self.params,
+            error=duplicate_error(first_row),
+            duplicate_of=first_row,
+        )
 
     def build(self, row: SourceRow, row_id: str) -> RequestSpec:
         """The request for ``row`` (``error`` set, and no tokens, when the row cannot be used)."""

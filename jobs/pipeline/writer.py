@@ -19,6 +19,7 @@ from jobs.pipeline.atomic import commit_file
 from jobs.pipeline.field_types import arrow_struct_fields
 from jobs.pipeline.manifest import GENERATIONS_DIR, STEPS_DIR, ChunkEntry, Manifest
 from jobs.pipeline.prompts import RequestSpec
+from jobs.pipeline.row_keys import custom_id
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 SAMPLING_TYPE = pa.struct(arrow_struct_fields(SamplingParams))
@@ -48,11 +49,6 @@ STEP_SCHEMA = pa.schema(arrow_struct_fields(StepRecord) + [("attempt", pa.int64(
 MAX_PENDING_STEPS = 10_000  # step records buffered at most between commits
 
 
-def custom_id(row_id: str, sample_index: int) -> str:
-    """The stable id of one output row: source row id and sample index."""
-    return f"{row_id}-{sample_index}"
-
-
 def output_rows(spec: RequestSpec, outputs: list[CompletionOutput], digest: str) -> list[dict[str, Any]]:
     """One row per finished sample of a request."""
     base = _base_row(spec, digest)
@@ -79,7 +75,7 @@ def error_rows(spec: RequestSpec, error: str, digest: str) -> list[dict[str, Any
     return [
         base
         | {
-            "custom_id": custom_id(spec.id, i),
+            "custom_id": custom_id(spec.id, i, None if spec.duplicate_of is None else spec.row_index),
             "sample_index": i,
             "completion": "",
             "token_ids": [],

@@ -1,5 +1,7 @@
 """Bad prompts and sampling values give clear errors; the other requests go on."""
 
+import re
+
 import pytest
 
 from engine import LLM, RequestError, SamplingParams
@@ -62,3 +64,38 @@ def test_request_id_already_in_flight_is_refused():
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     llm.engine.add_request("a", [8, 9], SamplingParams(max_new_tokens=3))  # free again once finished
+
+
+def test_stop_strings_without_a_tokenizer_are_refused():
+    llm = make_llm("llama")  # token ids in, token ids out: no tokenizer to find text in
+    with pytest.raises(RequestError, match=r"stop strings \['a'\] need a tokenizer"):
+        llm.engine.add_request("s", [5, 6, 7], SamplingParams(stop=["a"], max_new_tokens=3))
+    assert not llm.engine.has_unfinished_requests()
+    outs = llm.generate([[5, 6, 7]], SamplingParams(stop=["a"], max_new_tokens=3))
+    assert "need a tokenizer" in outs[0].error
+    llm.engine.add_request(
+        "t", [5, 6, 7], SamplingParams(stop_token_ids=[9], max_new_tokens=3)
+    )  # ids are fine
+
+
+def test_a_model_path_that_does_not_exist_or_has_no_config_says_so(tmp_path, monkeypatch):
+    from engine.build import build_engine
+    from engine.model.errors import ModelLoadError
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match=f"^no such folder: {re.escape(str(missing))}$"):
+        build_engine(str(missing))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="^no such folder: ./models/llama$"):
+        build_engine("./models/llama")
+    with pytest.raises(ModelLoadError, match=f"^no such folder: {re.escape(str(missing))}$"):
+        build_engine("llama-path", tokenizer=str(missing))  # a tokenizer path is checked the same way
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match=f"^no config.json in {re.escape(str(empty))}$"):
+        build_engine(str(empty))
+    from engine.config import ModelConfig
+    from engine.model.loader import check_paths
+
+    for hub_id in ("Qwen/Qwen3-0.6B", "gpt2"):  # hub ids are left to transformers
+        check_paths(ModelConfig(model=hub_id))

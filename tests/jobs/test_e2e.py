@@ -190,5 +190,11 @@ def test_sigterm_flushes_and_exits_with_143_then_resume_completes(tmp_path, mode
 def test_unknown_model_fails_at_start_naming_it(tmp_path):
     cfg = compose_config([f"output_root={tmp_path}", "model=hf", f"model.model={tmp_path}/no-such-model"])
     assert cfg.model.name == "no-such-model"
-    with pytest.raises(JobError, match="cannot load model 'no-such-model' from .*no-such-model"):
+    with pytest.raises(
+        JobError, match="cannot load model 'no-such-model' from .*: no such folder: .*/no-such-model$"
+    ):
+        run_generation(cfg)
+    (tmp_path / "empty").mkdir()
+    cfg = compose_config([f"output_root={tmp_path}", "model=hf", f"model.model={tmp_path}/empty"])
+    with pytest.raises(JobError, match=f"no config.json in {tmp_path}/empty$"):
         run_generation(cfg)

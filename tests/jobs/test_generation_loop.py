@@ -184,3 +184,56 @@ def test_checkpoint_every_n_seconds_commits_before_the_row_count_is_reached(tmp_
     # A step that takes a few milliseconds, as a real one does: each background commit is done before the next is due.
     run_generation(by_time, make_engine=fake_factory(max_num_seqs=4, on_step=lambda *a: time.sleep(0.005))[1])
     assert len(Manifest.load(output_dir(by_time) / MANIFEST_NAME).chunks) > 10
+
+
+DUPLICATE_IDS = ["a", "b", "a", "c", "b", "d"]
+
+
+def duplicate_source(tmp_path):
+    return write_jsonl(
+        tmp_path / "dups.jsonl", [{"id": i, "prompt": f"row {k}"} for k, i in enumerate(DUPLICATE_IDS)]
+    )
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 16])
+def test_a_repeated_id_is_an_error_row_whatever_max_in_flight(tmp_path, max_in_flight):
+    data = duplicate_source(tmp_path)
+    cfg = config(tmp_path, f"data.path={data}", "job.sampling.n=2", f"runner.max_in_flight={max_in_flight}")
+    stats = run_generation(cfg, make_engine=fake_factory()[1])
+    rows = rows_by_custom_id(read_rows(output_dir(cfg)))  # custom_ids stay unique
+    assert len(rows) == 2 * 6 and stats.complete and stats.source_rows == 6
+    by_index = {(r["row_index"], r["sample_index"]): r for r in rows.values()}
+    for k in (0, 1, 3, 5):
+        assert by_index[k, 0]["error"] is None and by_index[k, 0]["custom_id"] == f"{DUPLICATE_IDS[k]}-0"
+    for k, first in ((2, 0), (4, 1)):
+        for s in (0, 1):
+            row = by_index[k, s]
+            assert row["id"] == DUPLICATE_IDS[k] and row["finish_reason"] == "error"
+            assert row["error"] == f"duplicate id, first seen at source row {first}"
+    assert stats.error_rows == 4
+
+
+def test_lowering_the_limit_below_committed_rows_of_an_incomplete_run_is_refused(tmp_path):
+    def fail_at_step_6(engine):
+        if engine.steps == 6:
+            raise RuntimeError("node lost")
+
+    def cfg_at(limit):
+        settings = ("checkpoint.rows=1", "job.sampling.n=1", "job.sampling.max_new_tokens=8")
+        return config(tmp_path, f"data.limit={limit}", *settings)
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_generation(cfg_at(10), make_engine=fake_factory(max_num_seqs=4, on_step=fail_at_step_6)[1])
+    out = output_dir(cfg_at(10))
+    last = max(r["row_index"] for r in read_rows(out))
+    assert 1 <= last < 9, "an incomplete run with rows beyond a lower limit"
+    engines, make = fake_factory()
+    with pytest.raises(
+        JobError, match=rf"rows up to source row {last}, beyond data.limit={last}.*data.limit=10"
+    ):
+        run_generation(cfg_at(last), make_engine=make)
+    assert engines == [], "refused before the model loads"
+    assert not Manifest.load(out / MANIFEST_NAME).complete
+    assert run_generation(cfg_at(last + 1), make_engine=make).complete  # keeps every committed row: fine
+    run_generation(cfg_at(10), make_engine=make)
+    assert sorted(r["row_index"] for r in read_rows(out)) == list(range(10))

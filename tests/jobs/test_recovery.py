@@ -9,12 +9,21 @@ import signal
 import time
 
 import pytest
+from hydra import compose, initialize_config_dir
 
+from jobs import cli, synthetic_data
 from jobs.errors import Interrupted, JobError
 from jobs.generate import output_dir, run_generation
 from jobs.pipeline.manifest import GENERATIONS_DIR, MANIFEST_NAME, Manifest, read_stream
 from jobs.pipeline.signals import StopSignal
-from jobs_helpers import compose_config, fake_factory, generated_part, read_rows, rows_by_custom_id
+from jobs_helpers import (
+    CONF_DIR,
+    compose_config,
+    fake_factory,
+    generated_part,
+    read_rows,
+    rows_by_custom_id,
+)
 
 
 def config(root, *overrides):
@@ -149,3 +158,61 @@ def test_second_stop_signal_stops_at_once():
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signum == signal.SIGINT
         os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("crash_at_save", [2, 3, 4, 5])
+def test_resume_treats_repeated_ids_the_same_and_writes_every_row_once(tmp_path, monkeypatch, crash_at_save):
+    ids = ["a", "b", "a", "c", "b", "d", "a", "e"]
+    data = tmp_path / "dups.jsonl"
+    data.write_text("".join(f'{{"id": "{i}", "prompt": "row {k}"}}\n' for k, i in enumerate(ids)))
+    settings = (f"data.path={data}", "checkpoint.rows=1", "job.sampling.n=2")
+    expected = baseline_rows(tmp_path, *settings)
+    cfg = config(tmp_path / "crashed", *settings)
+    real_save, calls = Manifest.save, []
+
+    def crash(self):
+        calls.append(1)
+        if len(calls) == crash_at_save:  # the chunk is renamed into place, the manifest update is lost
+            raise OSError("simulated crash before the manifest update")
+        real_save(self)
+
+    monkeypatch.setattr(Manifest, "save", crash)
+    with pytest.raises(JobError, match="simulated crash"):
+        run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    monkeypatch.setattr(Manifest, "save", real_save)
+    run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert_same_rows(cfg, expected)
+    assert len(expected) == 2 * len(ids)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_listed_chunk_stops_with_status_2_naming_it_and_deleting_it_regenerates_its_rows(
+    tmp_path, monkeypatch, capsys, damage
+):
+    expected = baseline_rows(tmp_path, "data.limit=20")
+    cfg = config(tmp_path / "damaged", "data.limit=10")
+    run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])  # complete at 10: the resume reads it
+    lost = Manifest.load(output_dir(cfg) / MANIFEST_NAME).chunks[1]
+    path = output_dir(cfg) / GENERATIONS_DIR / lost.file
+    path.write_bytes(path.read_bytes()[:-20] if damage == "truncated" else b"not arrow" * 20)
+
+    cli.register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = compose(
+            "config",
+            overrides=[f"output_root={tmp_path / 'damaged'}", "runner.progress=false", "checkpoint.rows=3"]
+            + ["data.limit=20"],
+        )
+    engines, make = fake_factory(max_num_seqs=4)
+    monkeypatch.setattr(synthetic_data, "run", lambda c: run_generation(c, make_engine=make))
+    assert cli.main(raw) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and "cannot be read" in err
+    assert "delete it and run the same command again" in err and f"its {lost.rows} rows" in err
+    assert engines == [], "stopped before the model loads"
+
+    path.unlink()  # as the message says
+    stats = run_generation(config(tmp_path / "damaged", "data.limit=20"), make_engine=make)
+    assert stats.source_rows == 10 + lost.sources
+    assert_same_rows(config(tmp_path / "damaged", "data.limit=20"), expected)
