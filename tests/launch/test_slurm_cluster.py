@@ -100,7 +100,7 @@ def manifest(root: Path, index: int, count: int) -> dict | None:
 
 def committed(m: dict | None) -> int:
     """The rows a manifest lists as committed."""
-    return sum(s["rows"] for s in m["shards"]) if m else 0
+    return sum(s["rows"] for s in m["chunks"]) if m else 0
 
 
 def expected_ids(limit: int, index: int, count: int) -> set[str]:
