@@ -161,9 +161,10 @@ def run_benchmark(
 
     if hf_runs and model is None:
         model, hf_note = _single_gpu_model(workload, dtype, device)
-    warmup_prompts = [p for p, _ in workload.requests(count=4, seed=workload.seed + 1)]
+    # Untimed: transformers' requests' shape and count (other prompts), at most 16 new tokens each.
+    warmup = [(p, min(n, 16)) for p, n in workload.requests(count=len(hf_reqs), seed=workload.seed + 1)]
     for label, fields in labels if hf_runs and model is not None else []:
-        b = run_transformers(model, hf_reqs, label, fields, concurrency, warmup_prompts)
+        b = run_transformers(model, hf_reqs, label, fields, concurrency, warmup)
         rows.append(
             dict(
                 system=label,

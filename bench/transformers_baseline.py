@@ -1,20 +1,23 @@
 """transformers' own continuous batching on the same model, for the benchmark's comparison.
 
-What is timed, on each side (the same on both: the generation of the timed requests on a warm system):
+What is timed on each side: the generation of the timed requests on a system already set up.
 
-- transformers: a ``ContinuousBatchingManager`` is made once per configuration
-  (``model.init_continuous_batching``, with workload hints from the timed requests and
-  ``max_requests_per_batch`` set to the concurrency of the comparison), warmed up (``manager.warmup()``:
-  the batch processor, its paged cache and, where enabled, its CUDA graphs), started, and run on four
-  untimed warm-up prompts (other prompts than the timed ones, so its prefix sharing holds none of
-  them). The clock then runs from the first timed ``add_request`` to the last timed request's
-  result, each request with its own ``max_new_tokens`` and EOS disabled. Not timed: the manager's
-  creation, cache allocation, graph capture, the warm-up requests, ``stop`` and ``destroy``.
-  ``generate_batch`` itself is not used: it builds and destroys a manager inside every call, and takes one
-  ``max_new_tokens`` for all requests.
-- our engine (``bench.workloads.run_engine``): from the first timed ``add_request`` to the last step.
-  Not timed: building the engine (KV cache allocation), CUDA graph capture and the warm-up on four
-  untimed prompts, ``close``.
+- transformers: one ``ContinuousBatchingManager`` per configuration (``model.init_continuous_batching``,
+  with workload hints from the timed requests and ``max_requests_per_batch`` set to the comparison's
+  concurrency), warmed up (``manager.warmup()``: the batch processor, its paged cache and, where
+  enabled, CUDA graphs at the largest sizes), started, then run on untimed warm-up requests: as many
+  as the timed ones, from the workload's other seed (so its prefix sharing holds none of the timed
+  prompts), at most 16 new tokens each, so that the prefill batches the timed run meets have mostly
+  been seen. The clock runs from the first timed ``add_request`` to the last timed result, each
+  request with its own ``max_new_tokens``, EOS disabled. Not timed: the manager's creation, cache
+  allocation, ``warmup()``, the warm-up requests, ``stop`` and ``destroy``. Timed: any CUDA graph it
+  captures lazily for a batch size the warm-up did not reach (as it would in a second call on the
+  same manager). ``generate_batch`` is not used: it builds and destroys a manager in every call (so
+  the cache allocation, graph warm-up and ``destroy`` were timed) and takes one ``max_new_tokens``
+  for all requests.
+- our engine (``bench.workloads.run_engine``): from the first timed ``add_request`` to the end of
+  the last step. Not timed: building the engine (KV cache allocation), CUDA graph capture, the
+  warm-up on four untimed prompts, ``close``.
 """
 
 from __future__ import annotations
@@ -106,10 +109,10 @@ def run_transformers(
     label: str,
     fields: dict,
     concurrency: int,
-    warmup_prompts: list[list[int]] = (),
+    warmup_requests: list[tuple[list[int], int]] = (),
 ) -> BaselineResult:
     """Time a warm manager on ``requests`` (prompt ids, new tokens each; EOS ignored), at most
-    ``concurrency`` requests per batch; ``warmup_prompts`` run untimed first (8 new tokens each)."""
+    ``concurrency`` requests per batch; ``warmup_requests`` run untimed first."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(
@@ -131,8 +134,8 @@ def run_transformers(
             manager.warmup()
         manager.start()
         warm = [
-            manager.add_request(list(p), request_id=f"warmup-{i}", max_new_tokens=8)
-            for i, p in enumerate(warmup_prompts)
+            manager.add_request(list(p), request_id=f"warmup-{i}", max_new_tokens=n)
+            for i, (p, n) in enumerate(warmup_requests)
         ]
         _drain(manager, warm)
         if model.device.type == "cuda":
