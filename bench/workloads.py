@@ -1,10 +1,11 @@
-"""Benchmark workloads (W1, W2, W70B, smoke) and a runner that measures our engine on them.
+"""Benchmark workloads (W1, W2, W2s, W3, W70B, smoke) and a runner that measures our engine on them.
 
 Models are randomly initialised at real shapes; requests are random token ids with exact
 output lengths (EOS ignored), so every run generates the same number of tokens. With tensor
 parallelism each rank builds only its shard of the model (per-parameter random weights, seed 0).
 
     python -m bench.workloads w2                       # one GPU, async then sync
+    python -m bench.workloads w3 --modes async
     python -m bench.workloads w70b --tp 2 --modes async
 """
 
@@ -118,6 +119,9 @@ WORKLOADS = {
         engine=dict(max_num_seqs=256),
         sampling=dict(temperature=1.0, top_p=0.95),
     ),
+    # Llama-3-8B shape, 1024 requests, prompt and output lengths uniform 64..1024: many sequences decode together
+    # while prefill chunks ride along, as users' batches do.
+    "w3": Workload("w3", LLAMA3_8B, 1024, (64, 1024), (64, 1024), engine=dict(max_num_seqs=256)),
     # Llama-3-70B shape (141 GB of bf16 weights: tensor parallel over 2+ H200s, 4+ H100s); 64 requests decode
     # together in every step, 256-token prompts x exactly 256 new tokens.
     "w70b": Workload("w70b", LLAMA3_70B, 64, (256, 256), (256, 256), engine=dict(max_num_seqs=64)),
@@ -181,15 +185,18 @@ def run_engine(
     dtype: str = "bfloat16",
     requests: list[tuple[list[int], int]] | None = None,
     ready: Callable[[], None] | None = None,
+    max_num_seqs: int | None = None,
 ) -> EngineResult:
     """Build an engine over ``model``, warm it up, then time the workload once.
 
     With ``tensor_parallel_size`` > 1, ``model`` is None: the ranks build the workload's model
     (in ``dtype``) and the start-up time includes that build. ``requests``: a part of the
-    workload's (all by default); ``ready`` is called after the warm-up, just before the timing starts.
+    workload's (all by default); ``ready`` is called after the warm-up, just before the timing starts;
+    ``max_num_seqs`` replaces the workload's (a comparison at another system's concurrency).
     """
     t0 = time.perf_counter()
-    cfg = EngineConfig(mode=mode, tensor_parallel_size=tensor_parallel_size, **workload.engine)
+    settings = workload.engine | ({"max_num_seqs": max_num_seqs} if max_num_seqs is not None else {})
+    cfg = EngineConfig(mode=mode, tensor_parallel_size=tensor_parallel_size, **settings)
     engine = open_engine(workload, model, cfg, dtype)
     startup = time.perf_counter() - t0 - engine.graph_capture_s
     t1 = time.perf_counter()

@@ -88,7 +88,7 @@ class GenerationJobConfig:
 
 @dataclass
 class BenchmarkJobConfig:
-    """The engine benchmark; what it runs is the ``bench`` group (``bench=w1|w2|w70b|smoke``).
+    """The engine benchmark; what it runs is the ``bench`` group (``bench=w1|w2|w2s|w3|w70b|smoke|job``).
 
     Of ``engine.*`` it reads only ``tensor_parallel_size`` (the workload sets the rest)."""
 
@@ -100,9 +100,11 @@ class BenchmarkJobConfig:
 class BenchConfig:
     """One benchmark: a workload of ``bench/workloads.py``, our engine modes and transformers' configurations.
 
-    transformers' ``generate_batch`` takes one ``max_new_tokens`` for every request, and at its speed a
-    full W1 or W2 takes minutes: ``transformers_max_requests`` / ``transformers_max_new_tokens`` shorten
-    its run (compared by tokens/s). ``transformers: null`` runs every configuration it has.
+    At its speed a full W1 or W2 takes transformers minutes: it runs the first ``transformers_max_requests``
+    requests (all when null), each with its own new-token count capped at ``transformers_max_new_tokens``
+    (no cap when null), at most min(max_num_seqs, that many) per batch. Our engine runs the whole workload and,
+    for the speed-up, exactly those requests at that concurrency. ``transformers: null`` runs every
+    configuration it has.
     """
 
     workload: str = MISSING

@@ -37,6 +37,10 @@ def test_benchmark_with_tensor_parallelism(tmp_path):
     # The floor of one rank: its shard of the weights, half the KV heads.
     whole = sum(p.numel() * 4 for p in SMOKE.meta_model(torch.float32).parameters())
     assert summary["floor"]["weight_bytes"] < whole
+    assert summary["roofline"]["weight_bytes"] < summary["roofline"]["steps"] * whole
+    assert (
+        summary["comparison"]["transformers_best_system"] is None and row["speedup_vs_transformers"] is None
+    )
     assert (tmp_path / "steps_async.arrow").exists()
     json.loads((tmp_path / "benchmark.json").read_text())
 

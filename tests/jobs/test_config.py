@@ -83,7 +83,7 @@ def test_invalid_values_are_refused_before_the_model_loads(override, message):
 
 def test_benchmark_without_a_bench_names_the_choices(capsys):
     assert cli.main(compose_raw(["job=benchmark"])) == cli.EXIT_ERROR
-    assert "choose a benchmark: bench=<w1|w2|w2s|w70b|smoke|job>" in capsys.readouterr().err
+    assert "choose a benchmark: bench=<w1|w2|w2s|w3|w70b|smoke|job>" in capsys.readouterr().err
 
 
 def test_cli_typo_exits_before_loading_anything(tmp_path):

@@ -1,0 +1,35 @@
+"""W3's definition, ``python -m bench.workloads w3``, and the requests transformers is compared on."""
+
+import torch
+
+from bench import workloads
+from bench.runner import transformers_requests
+from bench.workloads import WORKLOADS, cli
+
+
+def test_w3_is_llama3_8b_shaped_with_varied_lengths():
+    w = WORKLOADS["w3"]
+    assert w.model == workloads.LLAMA3_8B and w.engine == {"max_num_seqs": 256}
+    assert (w.num_requests, w.prompt_len, w.new_tokens) == (1024, (64, 1024), (64, 1024))
+    requests = w.requests()
+    assert requests == w.requests()  # seed fixed
+    assert len(requests) == 1024
+    assert all(64 <= len(p) <= 1024 and 64 <= n <= 1024 for p, n in requests)
+    assert len({len(p) for p, _ in requests}) > 500 and len({n for _, n in requests}) > 500
+    assert w.params(10).ignore_eos and w.params(10).temperature == 0.0
+    whole = sum(p.numel() * 2 for p in w.meta_model(torch.bfloat16).parameters())
+    assert 16.0e9 < whole < 16.1e9
+
+
+def test_workloads_cli_takes_w3(monkeypatch):
+    seen = []
+    monkeypatch.setattr(workloads, "main", lambda *args: seen.append(args) or [])
+    cli(["w3", "--modes", "async"])
+    assert seen == [("w3", ("async",), 1)]
+
+
+def test_transformers_requests_are_the_first_ones_with_their_own_lengths():
+    requests = [([1] * 5, 10), ([2] * 3, 4), ([3] * 7, 30)]
+    assert transformers_requests(requests, None, None) == requests
+    assert transformers_requests(requests, 2, None) == requests[:2]
+    assert transformers_requests(requests, 2, 8) == [([1] * 5, 8), ([2] * 3, 4)]
