@@ -126,7 +126,7 @@ def measure_matmul_rate(
         seconds = time.perf_counter() - t
     dtype_name = str(dtype).removeprefix("torch.")
     return (
-        2 * size** 3 * repeats / seconds / 1e12,
+        2 * size**3 * repeats / seconds / 1e12,
         f"{dtype_name} {size}x{size}x{size} matmul on {device.type}",
     )
 
