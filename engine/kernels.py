@@ -1,5 +1,9 @@
 """Triton paged attention for CUDA: each query reads its sequence's keys and values straight from the cache.
 
+``paged_attention`` dispatches: steps with enough (token, KV head) pairs to fill the GPU go to the
+query-tiled kernel of ``attention_kernels`` (a tile of a sequence's queries shares each K/V
+tile); small steps keep the per-token kernel below with its split-K (flash-decoding) path.
+
 One program per (query token, KV head) handles all query heads of that KV head (grouped-query
 attention without expanding K/V), walks the keys the token may see in tiles through the block
 table (any block size, blocks anywhere in the cache), and keeps an online softmax. No mask is
@@ -160,18 +164,28 @@ def paged_attention(
     scaling: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out."""
+    """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out.
+
+    ``impl``: ``"auto"`` takes the query-tiled kernel (``attention_kernels``) unless the step has
+    so few (token, KV head) pairs that the keys are split over programs (flash-decoding, chosen
+    from the token count alone); ``"tiled"`` and ``"per_token"`` force one kernel.
+    """
     num_tokens, heads, head_dim = query.shape
     if query.stride(2) != 1:
         query = query.contiguous()
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
+    splits = _num_splits(num_tokens * kv_heads, query.device) if num_tokens else 1
+    if impl == "tiled" or (impl == "auto" and splits == 1):
+        from .attention_kernels import tiled_paged_attention
+
+        return tiled_paged_attention(query, k_cache, v_cache, meta, scaling, sliding_window, softcap)
     out = torch.empty((num_tokens, heads, head_dim), dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
     d_pad = triton.next_power_of_2(head_dim)
-    splits = _num_splits(num_tokens * kv_heads, query.device)
     if splits > 1:
         partial_md = torch.empty((num_tokens, heads, splits, 2), dtype=torch.float32, device=query.device)
         partial_acc = torch.empty(
