@@ -187,7 +187,7 @@ if triton is not None:
         SOFTCAP: tl.constexpr,
         WINDOW: tl.constexpr,
         IEEE: tl.constexpr,
-        MIXED: tl.constexpr,
+        DECODE_N: tl.constexpr,
     ):
         pid = tl.program_id(0)
         h = tl.program_id(1)
@@ -195,7 +195,7 @@ if triton is not None:
         n = tl.load(Tiles + pid + 1) - t0
         if n > 0:
             seq = tl.load(QuerySeq + t0)
-            if MIXED and n == 1:  # a decoding sequence: only the group's rows
+            if n == DECODE_N:  # a decoding sequence: only the group's rows
                 _attend_tile(
                     Q, K, V, Out, BlockTables, Positions, t0, n, seq, h,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_bt,
@@ -309,7 +309,7 @@ def tiled_paged_attention(
         SOFTCAP=bool(softcap),
         WINDOW=bool(sliding_window),
         IEEE=fp32,
-        MIXED=mixed,
+        DECODE_N=1 if mixed else 0,  # 0: no tile has it, every tile takes the prefill shape
         num_warps=num_warps,
         num_stages=num_stages,
     )
