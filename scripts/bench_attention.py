@@ -116,7 +116,7 @@ def main() -> None:
             "tiled": functools.partial(paged_attention, *args_, impl="tiled"),
         }
         if args.sweep:
-            for w, s, mixed in [(w, s, True) for w in (4, 8) for s in (1, 2, 3)] + [(None, None, False)]:
+            for w, s, mixed in [(w, s, True) for w in (4, 8) for s in (1, 2)] + [(None, None, False)]:
                 variants[f"tiled w{w} s{s}{'' if mixed else ' unmixed'}"] = functools.partial(
                     tiled_paged_attention, *args_, num_warps=w, num_stages=s, mixed=mixed
                 )
