@@ -62,6 +62,75 @@ if triton is not None:
             tl.store(Tiles + i, num_tokens + tl.zeros([CHUNK], dtype=tl.int32), mask=i < num_slots + 1)
 
     @triton.jit
+    def _kv_tile(
+        K,
+        V,
+        table,
+        q,
+        pos,
+        m,
+        denom,
+        acc,
+        start,
+        hi,
+        h,
+        d,
+        d_ok,
+        stride_slot,
+        scale,
+        softcap,
+        window,
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        BN: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        WINDOW: tl.constexpr,
+        IEEE: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        """One K/V tile of the online softmax; unmasked tiles are visible to every row."""
+        kp = start + tl.arange(0, BN)
+        if MASKED:
+            k_ok = kp < hi
+            block = tl.load(table + kp // BS, mask=k_ok, other=0)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+        else:
+            block = tl.load(table + kp // BS)
+            kv_mask = d_ok[None, :]
+        slot = block.to(tl.int64) * BS + kp % BS
+        kv_off = slot[:, None] * stride_slot + h * D + d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            s = s * scale
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            s = s * 1.4426950408889634
+        else:
+            s = s * (scale * 1.4426950408889634)
+        if MASKED:
+            visible = kp[None, :] <= pos[:, None]
+            if WINDOW:
+                visible = visible & (kp[None, :] > pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m - m_use)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        denom = denom * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, denom, acc
+
+    @triton.jit
     def _attend_tile(
         Q,
         K,
@@ -115,40 +184,22 @@ if triton is not None:
         m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         denom = tl.zeros([ROWS], dtype=tl.float32)
         acc = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
-        qk_scale = scale * 1.4426950408889634
         table = BlockTables + seq * stride_bt
-        for start in range(lo, hi, BN):
-            kp = start + tl.arange(0, BN)
-            k_ok = kp < hi
-            block = tl.load(table + kp // BS, mask=k_ok, other=0)
-            slot = block.to(tl.int64) * BS + kp % BS
-            kv_off = slot[:, None] * stride_slot + h * D + d[None, :]
-            k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            if SOFTCAP:
-                s = s * scale
-                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
-                s = s * 1.4426950408889634
-            else:
-                s = s * qk_scale
-            visible = kp[None, :] <= pos[:, None]
-            if WINDOW:
-                visible = visible & (kp[None, :] > pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m - m_safe)
-            v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            denom = denom * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+        full_hi = lo
+        if not WINDOW:  # keys every row of the tile sees need no mask: 0..min(pos), whole tiles of them
+            full_hi = (tl.min(tl.where(row_ok, pos, hi), 0) + 1) // BN * BN
+            for start in range(0, full_hi, BN):
+                m, denom, acc = _kv_tile(
+                    K, V, table, q, pos, m, denom, acc, start, hi, h, d, d_ok,
+                    stride_slot, scale, softcap, window,
+                    D, BS, BN, SOFTCAP, WINDOW, IEEE, False,
+                )  # fmt: skip
+        for start in range(full_hi, hi, BN):
+            m, denom, acc = _kv_tile(
+                K, V, table, q, pos, m, denom, acc, start, hi, h, d, d_ok,
+                stride_slot, scale, softcap, window,
+                D, BS, BN, SOFTCAP, WINDOW, IEEE, True,
+            )  # fmt: skip
         out = acc / denom[:, None]
         tl.store(
             Out + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
