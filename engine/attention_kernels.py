@@ -5,8 +5,9 @@ KV head with all its query heads (grouped-query attention without expanding K/V)
 each K/V tile from the paged cache once for the whole query tile, masks causally per query
 (a query at position ``p`` sees keys ``0..p``, within the sliding window if any), and keeps
 an online softmax in fp32. A tile of a single token (a decoding sequence) takes a lean branch
-of the same kernel with only the group's rows, so prefill chunks and decode tokens share one
-launch.
+of the same kernel with only the group's rows, so prefill chunks and decode tokens can share
+one launch; ``kernels.paged_attention`` instead sends a sequence's only new token to the
+per-token kernel (``skip_alone`` here), which measured faster for decode.
 
 The program-to-tile mapping is built on the device (``_tile_table_kernel``) from
 ``query_seq`` alone: a tile starts where a sequence's run of tokens starts and every
@@ -217,6 +218,7 @@ if triton is not None:
         QuerySeq,
         Positions,
         Tiles,
+        num_tokens,
         stride_qt,
         stride_qh,
         stride_ot,
@@ -239,13 +241,19 @@ if triton is not None:
         WINDOW: tl.constexpr,
         IEEE: tl.constexpr,
         DECODE_N: tl.constexpr,
+        SKIP_ALONE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         h = tl.program_id(1)
         t0 = tl.load(Tiles + pid)
         n = tl.load(Tiles + pid + 1) - t0
+        seq = tl.load(QuerySeq + tl.minimum(t0, num_tokens - 1))
+        if SKIP_ALONE:  # a sequence's only new token is left to the per-token kernel
+            last = num_tokens - 1
+            prev_same = (t0 > 0) & (tl.load(QuerySeq + tl.minimum(tl.maximum(t0 - 1, 0), last)) == seq)
+            next_same = (t0 < last) & (tl.load(QuerySeq + tl.minimum(t0 + 1, last)) == seq)
+            n = tl.where((n == 1) & ~prev_same & ~next_same, 0, n)
         if n > 0:
-            seq = tl.load(QuerySeq + t0)
             if n == DECODE_N:  # a decoding sequence: only the group's rows
                 _attend_tile(
                     Q, K, V, Out, BlockTables, Positions, t0, n, seq, h,
@@ -302,19 +310,24 @@ def tiled_paged_attention(
     softcap: float | None = None,
     *,
     mixed: bool = True,
+    skip_alone: bool = False,
+    out: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out.
 
-    ``mixed=False`` runs single-token tiles through the prefill tile shape too (for measuring).
+    ``skip_alone`` leaves the tokens that are their sequence's only new token unwritten in
+    ``out`` (the per-token kernel takes them); ``mixed=False`` runs single-token tiles through the
+    prefill tile shape too (for measuring).
     """
     num_tokens, heads, head_dim = query.shape
     if query.stride(2) != 1:
         query = query.contiguous()
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
-    out = torch.empty((num_tokens, heads, head_dim), dtype=query.dtype, device=query.device)
+    if out is None:
+        out = torch.empty((num_tokens, heads, head_dim), dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
     fp32 = query.dtype == torch.float32
@@ -326,8 +339,8 @@ def tiled_paged_attention(
     else:
         bn, decode_bn = (64 if d_pad <= 128 else 32), (64 if d_pad <= 128 else 32)
     tiles = _tiles_for(meta, block_m)
-    if num_warps is None:
-        num_warps = 8 if rows * d_pad >= 128 * 128 else 4
+    if num_warps is None:  # measured on an H200 (scripts/bench_attention.py): 4 warps, 2 stages
+        num_warps = 4
     if num_stages is None:
         num_stages = 2
     _tiled_attention_kernel[(tiles.shape[0] - 1, kv_heads)](
@@ -339,6 +352,7 @@ def tiled_paged_attention(
         meta.query_seq,
         meta.positions,
         tiles,
+        num_tokens,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -361,6 +375,7 @@ def tiled_paged_attention(
         WINDOW=bool(sliding_window),
         IEEE=fp32,
         DECODE_N=1 if mixed else 0,  # 0: no tile has it, every tile takes the prefill shape
+        SKIP_ALONE=skip_alone,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -113,12 +113,13 @@ def main() -> None:
         args_ = (q, k, v, meta, scale)
         variants = {
             "per_token": functools.partial(paged_attention, *args_, impl="per_token"),
-            "tiled": functools.partial(paged_attention, *args_, impl="tiled"),
+            "tiled (one launch)": functools.partial(paged_attention, *args_, impl="tiled"),
+            "auto (tiled + per-token)": functools.partial(paged_attention, *args_),
         }
         if args.sweep:
-            for w, s, mixed in [(w, s, True) for w in (4, 8) for s in (1, 2)] + [(None, None, False)]:
-                variants[f"tiled w{w} s{s}{'' if mixed else ' unmixed'}"] = functools.partial(
-                    tiled_paged_attention, *args_, num_warps=w, num_stages=s, mixed=mixed
+            for w, s in ((4, 3), (8, 2)):
+                variants[f"tiled w{w} s{s}"] = functools.partial(
+                    tiled_paged_attention, *args_, num_warps=w, num_stages=s
                 )
         print(
             f"\n{name}: {q.shape[0]} tokens, {len(ctx)} seqs, KV+Q+O {nbytes / 1e6:.1f} MB, {flops / 1e9:.2f} GFLOP"
@@ -128,10 +129,10 @@ def main() -> None:
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
                 us = time_call(fn)
             except Exception as e:  # a variant that does not compile (shared memory) is reported, not fatal
-                print(f"  {label:24s} failed: {type(e).__name__}: {str(e)[:120]}")
+                print(f"  {label:26s} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
             print(
-                f"  {label:24s} {us:9.1f} us  {nbytes / us / 1e3:7.0f} GB/s  {flops / us / 1e6:6.1f} TFLOP/s"
+                f"  {label:26s} {us:9.1f} us  {nbytes / us / 1e3:7.0f} GB/s  {flops / us / 1e6:6.1f} TFLOP/s"
                 f"  rel err {err:.1e}"
             )
 
