@@ -8,7 +8,7 @@ each query to its own sequence's cached keys through the block table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -53,6 +53,8 @@ class ForwardContext:
         tuple[torch.Tensor, torch.Tensor]
     ]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
     use_kernels: bool = False
+    scratch: dict = field(default_factory=dict)
+    """Per-pass values that every layer shares (the attention kernels' tile table), built on first use."""
 
 
 _context: ForwardContext | None = None

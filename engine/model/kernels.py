@@ -1,5 +1,11 @@
 """Triton paged attention for CUDA: each query reads its sequence's keys and values straight from the cache.
 
+``paged_attention`` dispatches: in steps with enough (token, KV head) pairs to fill the GPU, the
+query-tiled kernel of ``attention_kernels`` takes the tokens of multi-token runs (prompts, chunks:
+a tile of a sequence's queries shares each K/V tile) and the per-token kernel below the decoding
+tokens (measured faster for them than the tiled kernel's single-token branch); small steps keep
+the per-token kernel for all tokens with its split-K (flash-decoding) path.
+
 One program per (query token, KV head) handles all query heads of that KV head (grouped-query
 attention without expanding K/V), walks the keys the token may see in tiles through the block
 table (any block size, blocks anywhere in the cache), and keeps an online softmax. No mask is
@@ -56,12 +62,18 @@ if triton is not None:
         WINDOW: tl.constexpr,
         IEEE: tl.constexpr,
         SPLITS: tl.constexpr,
+        ALONE_ONLY: tl.constexpr = False,
     ):
         t = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
         seq = tl.load(QuerySeq + t)
         pos = tl.load(Positions + t)
+        if ALONE_ONLY:  # only tokens that are their sequence's one new token; the tiled kernel takes the rest
+            last = tl.num_programs(0) - 1
+            prev_same = (t > 0) & (tl.load(QuerySeq + tl.maximum(t - 1, 0)) == seq)
+            next_same = (t < last) & (tl.load(QuerySeq + tl.minimum(t + 1, last)) == seq)
+            pos = tl.where(prev_same | next_same, -1, pos)  # -1: no keys, nothing stored
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D_PAD)
         d_ok = d < D
@@ -112,7 +124,7 @@ if triton is not None:
             tl.store(
                 Out + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
                 out.to(Out.dtype.element_ty),
-                mask=(g[:, None] < G) & d_ok[None, :],
+                mask=(g[:, None] < G) & d_ok[None, :] & (pos + 0 * g >= 0)[:, None],
             )
         else:
             # Partials: running max and denominator per head, unnormalised accumulator.
@@ -160,18 +172,37 @@ def paged_attention(
     scaling: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out."""
+    """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out.
+
+    ``impl``: ``"auto"`` runs tokens that are their sequence's only new token (decode) through the
+    per-token kernel and every other token through the query-tiled kernel (``attention_kernels``),
+    both launches with fixed grids, or, when a step has so few (token, KV head) pairs that the
+    keys are split over programs (flash-decoding, chosen from the token count alone), all tokens
+    through the per-token kernel; ``"tiled"`` (one mixed launch) and ``"per_token"`` force one kernel.
+    """
     num_tokens, heads, head_dim = query.shape
     if query.stride(2) != 1:
         query = query.contiguous()
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
+    splits = _num_splits(num_tokens * kv_heads, query.device) if num_tokens else 1
+    if impl == "tiled":
+        from .attention_kernels import tiled_paged_attention
+
+        return tiled_paged_attention(query, k_cache, v_cache, meta, scaling, sliding_window, softcap)
     out = torch.empty((num_tokens, heads, head_dim), dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
+    split_runs = impl == "auto" and splits == 1
+    if split_runs:  # tiles of several tokens here; single-token runs (decode) in the per-token kernel below
+        from .attention_kernels import tiled_paged_attention
+
+        tiled_paged_attention(
+            query, k_cache, v_cache, meta, scaling, sliding_window, softcap, out=out, skip_alone=True
+        )
     d_pad = triton.next_power_of_2(head_dim)
-    splits = _num_splits(num_tokens * kv_heads, query.device)
     if splits > 1:
         partial_md = torch.empty((num_tokens, heads, splits, 2), dtype=torch.float32, device=query.device)
         partial_acc = torch.empty(
@@ -212,6 +243,7 @@ def paged_attention(
         WINDOW=bool(sliding_window),
         IEEE=fp32,
         SPLITS=splits,
+        ALONE_ONLY=split_runs,
         num_warps=4,
     )
     if splits > 1:
