@@ -178,7 +178,9 @@ def paged_attention_forward(
     if ctx.use_kernels and sinks is None:
         from engine.model.kernels import paged_attention
 
-        out = paged_attention(q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap)
+        out = paged_attention(
+            q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap, scratch=ctx.scratch
+        )
     else:  # CPU, and attention sinks until the kernel has them
         out = reference_paged_attention(
             q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap, sinks

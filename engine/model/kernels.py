@@ -173,6 +173,7 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     impl: str = "auto",
+    scratch: dict | None = None,
 ) -> torch.Tensor:
     """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out.
 
@@ -189,18 +190,29 @@ def paged_attention(
     group = heads // kv_heads
     splits = _num_splits(num_tokens * kv_heads, query.device) if num_tokens else 1
     if impl == "tiled":
-        from .attention_kernels import tiled_paged_attention
+        from engine.model.attention_kernels import tiled_paged_attention
 
-        return tiled_paged_attention(query, k_cache, v_cache, meta, scaling, sliding_window, softcap)
+        return tiled_paged_attention(
+            query, k_cache, v_cache, meta, scaling, sliding_window, softcap, scratch=scratch
+        )
     out = torch.empty((num_tokens, heads, head_dim), dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
     split_runs = impl == "auto" and splits == 1
     if split_runs:  # tiles of several tokens here; single-token runs (decode) in the per-token kernel below
-        from .attention_kernels import tiled_paged_attention
+        from engine.model.attention_kernels import tiled_paged_attention
 
         tiled_paged_attention(
-            query, k_cache, v_cache, meta, scaling, sliding_window, softcap, out=out, skip_alone=True
+            query,
+            k_cache,
+            v_cache,
+            meta,
+            scaling,
+            sliding_window,
+            softcap,
+            out=out,
+            skip_alone=True,
+            scratch=scratch,
         )
     d_pad = triton.next_power_of_2(head_dim)
     if splits > 1:

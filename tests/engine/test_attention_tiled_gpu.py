@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, ForwardContext, reference_paged_attention, set_forward_context
-from engine.kernels import kernels_available
+from engine.model.attention import (
+    AttentionMetadata,
+    ForwardContext,
+    reference_paged_attention,
+    set_forward_context,
+)
+from engine.model.kernels import kernels_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not kernels_available(), reason="needs CUDA and Triton")]
 
@@ -85,7 +90,7 @@ VARIANTS = [(None, None), (24, None), (None, 30.0), (100, 50.0)]
 
 
 def check(q, kc, vc, meta, window, softcap, dtype, **kw):
-    from engine.attention_kernels import tiled_paged_attention
+    from engine.model.attention_kernels import tiled_paged_attention
 
     scale = q.shape[-1] ** -0.5
     expected = reference_paged_attention(q, kc, vc, meta, scale, window, softcap).float()
@@ -122,7 +127,7 @@ def test_single_token_tiles_take_either_branch(mixed):
 def test_engine_padding_tokens_leave_real_outputs_alone(pad_seqs, pad_tokens):
     """Graph padding: extra rows, and surplus padding tokens piled on the last row (a real one when
     there are no padding rows)."""
-    from engine.attention_kernels import tiled_paged_attention
+    from engine.model.attention_kernels import tiled_paged_attention
 
     case = ([200, 33, 7], [150, 1, 7], 32, 8, 128, 16)
     q, kc, vc, meta = random_step(
@@ -148,7 +153,7 @@ def _head(meta, tokens, seqs):
 
 
 def test_dispatch_routes_small_steps_to_split_decode_and_large_to_tiles():
-    from engine.kernels import paged_attention
+    from engine.model.kernels import paged_attention
 
     for case in (([900, 20], [1, 1], 32, 8, 128, 16), CASES[4]):
         q, kc, vc, meta = random_step(*case, dtype=torch.bfloat16, seed=5)
@@ -160,7 +165,7 @@ def test_dispatch_routes_small_steps_to_split_decode_and_large_to_tiles():
 def test_captured_graph_replays_other_step_layouts():
     """Captured once with placeholder metadata, replayed on different mixes of the same token count:
     the tile table is rebuilt on the device each replay."""
-    from engine.kernels import paged_attention
+    from engine.model.kernels import paged_attention
 
     heads, kv_heads, d, bs = 32, 8, 128, 16
     layouts = [

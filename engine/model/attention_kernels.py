@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from .attention import current_forward_context
-
 try:
     import triton
     import triton.language as tl
@@ -287,10 +285,9 @@ def build_tile_table(query_seq: torch.Tensor, num_seqs: int, block_m: int) -> to
     return tiles
 
 
-def _tiles_for(meta, block_m: int) -> torch.Tensor:
-    """The step's tile table, built once per forward pass (inside a captured graph, too) and shared by layers."""
-    ctx = current_forward_context()
-    cache = getattr(ctx, "scratch", None) if ctx is not None and ctx.metadata is meta else None
+def _tiles_for(meta, block_m: int, cache: dict | None) -> torch.Tensor:
+    """The step's tile table, built once per forward pass (inside a captured graph, too) and shared by
+    layers through ``cache`` (the forward pass's scratch dict; None builds it every call)."""
     key = ("attention_tiles", block_m)
     if cache is not None and key in cache:
         return cache[key]
@@ -314,6 +311,7 @@ def tiled_paged_attention(
     out: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    scratch: dict | None = None,
 ) -> torch.Tensor:
     """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out.
 
@@ -338,8 +336,8 @@ def tiled_paged_attention(
         bn, decode_bn = (32 if d_pad <= 64 else 16), (32 if d_pad <= 64 else 16)
     else:
         bn, decode_bn = (64 if d_pad <= 128 else 32), (64 if d_pad <= 128 else 32)
-    tiles = _tiles_for(meta, block_m)
-    if num_warps is None:  # measured on an H200 (scripts/bench_attention.py): 4 warps, 2 stages
+    tiles = _tiles_for(meta, block_m, scratch)
+    if num_warps is None:  # measured on an H200 (python -m bench.scripts.bench_attention): 4 warps, 2 stages
         num_warps = 4
     if num_stages is None:
         num_stages = 2

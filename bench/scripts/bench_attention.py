@@ -11,7 +11,7 @@ step). Reported: microseconds per call (median), the KV bytes that must move (ea
 and value once, plus queries and outputs) over that time, and the attention FLOPs (4 x query
 heads x head dim per visible (query, key) pair) over it.
 
-    python scripts/bench_attention.py [--steps prefill decode mixed] [--sweep]
+    python -m bench.scripts.bench_attention [--steps prefill decode mixed] [--sweep]
 """
 
 from __future__ import annotations
@@ -19,16 +19,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.attention import AttentionMetadata, reference_paged_attention  # noqa: E402
-from engine.attention_kernels import tiled_paged_attention  # noqa: E402
-from engine.kernels import paged_attention  # noqa: E402
+from engine.model.attention import AttentionMetadata, reference_paged_attention
+from engine.model.attention_kernels import tiled_paged_attention
+from engine.model.kernels import paged_attention
 
 
 def make_step(context_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed=0):
