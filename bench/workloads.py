@@ -119,6 +119,16 @@ WORKLOADS = {
         engine=dict(max_num_seqs=256),
         sampling=dict(temperature=1.0, top_p=0.95),
     ),
+    # W2 with the chosen token's logprob on every request (its cost against W2)
+    "w2l": Workload(
+        "w2l",
+        LLAMA32_1B,
+        1024,
+        (64, 512),
+        (64, 512),
+        engine=dict(max_num_seqs=256),
+        sampling=dict(logprobs=True),
+    ),
     # Llama-3-8B shape, 1024 requests, prompt and output lengths uniform 64..1024: many sequences decode together
     # while prefill chunks ride along, as users' batches do.
     "w3": Workload("w3", LLAMA3_8B, 1024, (64, 1024), (64, 1024), engine=dict(max_num_seqs=256)),
