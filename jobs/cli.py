@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import errno
 import importlib
 import logging
 import os
 import sys
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.config import RunConfig, store_schemas
@@ -23,8 +25,35 @@ JOBS = ("synthetic_data", "distill", "benchmark", "report", "merge")
 EXIT_ERROR = 2
 
 
+def unknown_keys(node: object, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that its schema does not have (Hydra's ``+key=value`` adds them past the schema),
+    each with the closest known key when there is one."""
+    found: list[str] = []
+    if not isinstance(node, DictConfig | ListConfig) or node._is_none() or node._is_missing():
+        return found
+    if node._is_interpolation():
+        return found
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+        for key in node:
+            name = f"{prefix}{key}"
+            if known is not None and key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                found.append(name + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            else:
+                found += unknown_keys(node._get_node(key), f"{name}.")
+    else:
+        for i in range(len(node)):
+            found += unknown_keys(node._get_node(i), f"{prefix[:-1]}[{i}].")
+    return found
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve and instantiate the typed config (the engine's dataclasses validate their values here)."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise JobError(f"unknown config key: {', '.join(unknown)}")
     try:
         run_cfg = OmegaConf.to_object(cfg)
     except (ValueError, OmegaConfBaseException) as e:

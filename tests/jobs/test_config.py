@@ -81,6 +81,21 @@ def test_invalid_values_are_refused_before_the_model_loads(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+job.sampling.temperatur=1", "job.sampling.temperatur (did you mean job.sampling.temperature?)"),
+        ("+engine.max_num_seq=2", "engine.max_num_seq (did you mean engine.max_num_seqs?)"),
+        ("+data.prompt_colum=text", "data.prompt_colum (did you mean data.prompt_column?)"),
+        ("+outptu_root=/tmp", "outptu_root (did you mean output_root?)"),
+    ],
+)
+def test_a_key_added_with_plus_is_refused_when_the_schema_lacks_it(override, message):
+    with pytest.raises(JobError, match="unknown config key") as err:
+        compose_config([override])
+    assert message in str(err.value)
+
+
 def test_benchmark_without_a_bench_names_the_choices(capsys):
     assert cli.main(compose_raw(["job=benchmark"])) == cli.EXIT_ERROR
     assert "choose a benchmark: bench=<w1|w2|w70b|smoke>" in capsys.readouterr().err
