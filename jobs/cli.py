@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.config import RunConfig, store_schemas
-from jobs.errors import Interrupted, JobError
+from jobs.errors import Interrupted, JobError, JobExit
 from jobs.pipeline.shards import dir_resolver, subdir_resolver
 from launch import data_parallel
 from launch.requeue import hand_over
@@ -98,6 +98,15 @@ def main(cfg: DictConfig) -> int:
         )
         return EXIT_ERROR
     return 0
+
+
+def exit_status(exit: SystemExit, started: bool) -> int | str | None:
+    """The process's exit status. Hydra reports its own errors (the override grammar, a config that does not
+    compose or resolve) with status 1 before the job starts: those are errors at start, status 2 like the
+    job's own. The job's statuses (``JobExit``) and a crash inside a started job (1) are kept."""
+    if not isinstance(exit, JobExit) and exit.code == 1 and not started:
+        return EXIT_ERROR
+    return exit.code
 
 
 def register_configs() -> None:

@@ -145,6 +145,8 @@ def _generate(
             progress.close()
     stats.wall_s = time.monotonic() - start
     stats.gpu_busy = engine.summary().gpu_busy
+    device = getattr(engine, "device", None)
+    stats.device = getattr(device, "type", None)
     if stats.complete:
         state.manifest.complete = True
         state.manifest.save()

@@ -11,7 +11,7 @@ from engine.sampling_params import SamplingParams
 from jobs import cli
 from jobs.cli import register_configs
 from jobs.config import GenerationJobConfig, SourceFormat, path_name
-from jobs.errors import JobError
+from jobs.errors import JobError, JobExit
 from jobs_helpers import CONF_DIR, compose_config, run_cli
 
 
@@ -101,10 +101,27 @@ def test_benchmark_without_a_bench_names_the_choices(capsys):
     assert "choose a benchmark: bench=<w1|w2|w70b|smoke>" in capsys.readouterr().err
 
 
-def test_cli_typo_exits_before_loading_anything(tmp_path):
-    proc = run_cli(["job.sampling.temperatur=0.5", f"output_root={tmp_path}"])
-    assert proc.returncode == 1 and "Could not override 'job.sampling.temperatur'" in proc.stderr
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("job.sampling.temperatur=0.5", "Could not override 'job.sampling.temperatur'"),
+        ("job.prompt.template=Write a {style}", "mismatched input '{'"),
+    ],
+)
+def test_cli_typo_exits_with_status_2_before_loading_anything(tmp_path, override, message):
+    """Hydra's own errors (a key the schema lacks, the override grammar) are errors at start: status 2."""
+    proc = run_cli([override, f"output_root={tmp_path}"])
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "_models").exists() and not (tmp_path / "synthetic_data").exists()
+
+
+def test_status_1_becomes_2_only_for_hydras_own_errors_at_start():
+    assert cli.exit_status(SystemExit(1), started=False) == cli.EXIT_ERROR, "Hydra's error before the job"
+    assert cli.exit_status(SystemExit(1), started=True) == 1, "a crash inside the job"
+    assert cli.exit_status(JobExit(1), started=False) == 1, (
+        "a failed task of a multirun: the job's own status"
+    )
+    assert cli.exit_status(SystemExit(0), started=False) == 0
 
 
 def test_invalid_value_exits_with_status_2_and_a_message(tmp_path, capsys):
