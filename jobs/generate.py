@@ -33,6 +33,7 @@ from jobs.pipeline.writer import OutputSink
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[RunConfig], Any]
+EMPTY_MODEL = "model.model is not set: add model.model=<a hub id or a local checkpoint folder>"
 CONFIG_NAME = "config.yaml"  # the resolved config of the latest start that passed the checks
 
 
@@ -52,7 +53,7 @@ def model_config(cfg: RunConfig) -> ModelConfig:
             )
         path = str(tiny_model.materialise(m.builtin, cfg.models_dir))
     if not path:
-        raise JobError("model.model is empty: set it to a local checkpoint folder or a hub id")
+        raise JobError(EMPTY_MODEL)
     names = [f.name for f in dataclasses.fields(ModelConfig)]
     return ModelConfig(**{n: getattr(m, n) for n in names} | {"model": path})
 
@@ -77,6 +78,8 @@ def run_generation(
 ) -> RunStats:
     """Generate ``params.n`` rows per source row into ``output_dir(cfg)``, resuming what is committed there."""
     params = params or cfg.job.sampling
+    if not (cfg.model.builtin or cfg.model.model):
+        raise JobError(EMPTY_MODEL)  # before anything is written
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
     columns = input_columns(cfg.job.prompt, cfg.data)
     source = open_source(cfg.data, columns)

@@ -11,9 +11,13 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from jobs.config import ShardConfig
 from jobs.errors import JobError
@@ -85,16 +89,53 @@ def shard_map(shard: ShardConfig, files: list[tuple[str, int | None]]) -> dict[s
     }
 
 
-def subdir_resolver(index: int | None, count: int | None) -> str:
+# Hydra's output folder of this process -> the topmost of its folders that did not exist when Hydra first
+# asked for it (None: it existed), so that a failed start can remove what it created (``new_folders``).
+_NEW_FOLDERS: dict[Path, Path | None] = {}
+
+
+def _note_folder(folder: str | Path) -> None:
+    """Remember which of ``folder``'s folders do not exist yet (the first time only: Hydra resolves its
+    output folder before it creates it)."""
+    path = Path(folder).absolute()
+    if path in _NEW_FOLDERS:
+        return
+    top, probe = None, path
+    while not probe.exists() and probe != probe.parent:
+        top, probe = probe, probe.parent
+    _NEW_FOLDERS[path] = top
+
+
+def new_folders(folder: str | Path) -> Path | None:
+    """The topmost folder that this process's start created on the way to ``folder`` (None if none or unknown)."""
+    return _NEW_FOLDERS.get(Path(folder).absolute())
+
+
+def subdir_resolver(index: int | None, count: int | None, *, _root_: Any = None) -> str:
     """Hydra resolver ``${shard_subdir:${shard.index},${shard.count}}``: the shard's folder name, ``.`` if unsplit."""
     try:
         shard = resolve_shard(ShardConfig(index, count))
     except JobError:
         return "."  # the job reports the problem itself, with a clear message
-    return "." if shard.count == 1 else shard_subdir(shard.index, shard.count)
+    subdir = "." if shard.count == 1 else shard_subdir(shard.index, shard.count)
+    sweep_dir = OmegaConf.select(_root_, "hydra.sweep.dir", default=None) if _root_ is not None else None
+    if sweep_dir is not None:
+        _note_folder(Path(sweep_dir) / subdir)
+    return subdir
 
 
 def dir_resolver(run_dir: str, index: int | None, count: int | None) -> str:
     """Hydra resolver ``${shard_dir:${run_dir},${shard.index},${shard.count}}``: the shard's output folder."""
     subdir = subdir_resolver(index, count)
-    return run_dir if subdir == "." else f"{run_dir}/{subdir}"
+    folder = run_dir if subdir == "." else f"{run_dir}/{subdir}"
+    _note_folder(folder)
+    return folder
+
+
+def run_folder_resolver(*, _root_: Any) -> str:
+    """Hydra resolver ``${run_folder:}``: ``run_dir``, or a scratch folder when it cannot be resolved (a required
+    value such as ``data.path`` not set), so that the job itself, not Hydra, reports what is missing."""
+    try:
+        return str(OmegaConf.select(_root_, "run_dir", throw_on_missing=True))
+    except OmegaConfBaseException:
+        return str(Path(tempfile.gettempdir()) / f"batchgen-unresolved-{os.getpid()}")
