@@ -3,21 +3,43 @@
 Before submitting, each job of the sweep is composed and its shard folder checked: a shard whose
 manifest says it completed these rows with this config and shard map (``jobs.pipeline.completion``) is
 reported as done instead of being submitted, so re-running a multirun submits only what is missing.
-Everything else (the executor, the array, requeueing on preemption) is submitit's.
+Everything else (the executor, the array, requeueing on preemption) is submitit's. When tasks fail, the
+launcher waits for all of them, prints each failed task's own error on one line, and exits with status 1.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from omegaconf import open_dict, read_write
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf, open_dict, read_write
+
+from jobs.errors import JobExit
 
 log = logging.getLogger(__name__)
+EXIT_TASKS_FAILED = 1
+
+
+def task_error(stderr: str, exception: BaseException) -> str:
+    """A failed task's own error on one line: its last ``error:`` line on stderr, else the last line of its
+    stderr or of the exception (a traceback's last line names the exception)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        return errors[-1]
+    if lines:
+        return lines[-1]
+    text = [ln.strip() for ln in str(exception).splitlines() if ln.strip()]
+    return text[-1] if text else type(exception).__name__
 
 
 class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
@@ -31,11 +53,68 @@ class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
         for overrides, done in zip(job_overrides, complete, strict=True):
             if done:
                 log.info("complete, not launched: %s", " ".join(overrides))
-        launched = iter(super().launch(todo, initial_job_idx) if todo else [])
+        launched = iter(self._run(todo, initial_job_idx) if todo else [])
         return [
             JobReturn(overrides=list(o), status=JobStatus.COMPLETED) if done else next(launched)
             for o, done in zip(job_overrides, complete, strict=True)
         ]
+
+    def _run(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[JobReturn]:
+        """Submit the jobs as one array and wait for all; exit naming each failed task with its error."""
+        jobs = self._submit(job_overrides, initial_job_idx)
+        results, failed = [], []
+        for i, (overrides, job) in enumerate(zip(job_overrides, jobs, strict=True)):
+            try:
+                results.append(job.results()[0])
+            except (
+                Exception
+            ) as e:  # submitit's UncompletedJobError / FailedJobError: the task's process failed
+                try:
+                    stderr = job.stderr() or ""
+                except OSError:
+                    stderr = ""
+                failed.append(f"#{initial_job_idx + i} ({' '.join(overrides)}): {task_error(stderr, e)}")
+        if failed:
+            logs = str(self.params["submitit_folder"]).replace("%j", "<job id>")
+            print(
+                f"error: {len(failed)} of {len(jobs)} tasks failed (each task's output: {logs}):\n  "
+                + "\n  ".join(failed),
+                file=sys.stderr,
+            )
+            raise JobExit(EXIT_TASKS_FAILED)
+        return results
+
+    def _submit(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[Any]:
+        """submitit's executor for the launcher's parameters, and the jobs of one array (as Hydra's launcher does)."""
+        import submitit
+
+        assert self.config is not None
+        params = self.params
+        specific_init_keys = {"max_num_timeout"}
+        init_params = {"folder": params["submitit_folder"]}
+        init_params.update({f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x in specific_init_keys})
+        init_keys = specific_init_keys | {"submitit_folder"}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                x if x in baseparams else f"{self._EXECUTOR}_{x}": y
+                for x, y in params.items()
+                if x not in init_keys
+            }
+        )
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        job_params = []
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            job_params.append(
+                (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+            )
+        return executor.map_array(self, *zip(*job_params, strict=True))
 
     def _is_complete(self, overrides: list[str], files_cache: dict[str, Any]) -> bool:
         from jobs.cli import to_run_config
