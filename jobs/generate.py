@@ -22,10 +22,10 @@ from jobs.pipeline.atomic import commit_file
 from jobs.pipeline.fingerprint import fingerprint
 from jobs.pipeline.generation_loop import GenerationLoop
 from jobs.pipeline.lock import run_lock
-from jobs.pipeline.manifest import config_hash, finished_run, open_run
+from jobs.pipeline.manifest import CARD_NAME, config_hash, finished_run, open_run
 from jobs.pipeline.progress import Progress, RunStats
 from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
-from jobs.pipeline.shards import resolve_shard, shard_map, shard_path
+from jobs.pipeline.shards import check_layout, resolve_shard, shard_map, shard_path
 from jobs.pipeline.signals import StopSignal
 from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
 from jobs.pipeline.writer import OutputSink
@@ -94,7 +94,11 @@ def run_generation(
     if done is not None:
         log.info("%s: %s is complete (%d rows); nothing to do", cfg.job.name, out_dir, done.rows)
         return RunStats(skipped_rows=done.sources, complete=True)
+    if not cfg.overwrite:
+        check_layout(cfg.run_dir, cfg.shard.count, overwrite=False)  # before anything is written
     with run_lock(out_dir):
+        if cfg.overwrite:
+            check_layout(cfg.run_dir, cfg.shard.count, overwrite=True)
         return _generate(cfg, params, make_engine, source, out_dir, fp, rows_map)
 
 
@@ -110,6 +114,10 @@ def _generate(
     """Open (or resume) ``out_dir`` and run the engine over the rows not committed yet; the caller holds the lock."""
     digest = config_hash(fp)
     state = open_run(out_dir, cfg.job.name, fp, cfg.overwrite, rows_map, cfg.data.limit)
+    card = Path(cfg.run_dir) / CARD_NAME
+    if card.exists():  # it lists the files of the run as it was; this run changes them
+        card.unlink(missing_ok=True)
+        log.warning("removed %s (written by job=merge): run job=merge again once the run is complete", card)
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
     engine = make_engine(cfg)

@@ -27,6 +27,7 @@ from jobs.errors import JobExit
 
 log = logging.getLogger(__name__)
 EXIT_TASKS_FAILED = 1
+EXIT_START_ERROR = 2
 
 
 def task_error(stderr: str, exception: BaseException) -> str:
@@ -53,6 +54,8 @@ class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
         for overrides, done in zip(job_overrides, complete, strict=True):
             if done:
                 log.info("complete, not launched: %s", " ".join(overrides))
+        if todo:
+            self._check_layout(todo[0])
         launched = iter(self._run(todo, initial_job_idx) if todo else [])
         return [
             JobReturn(overrides=list(o), status=JobStatus.COMPLETED) if done else next(launched)
@@ -116,17 +119,41 @@ class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
             )
         return executor.map_array(self, *zip(*job_params, strict=True))
 
-    def _is_complete(self, overrides: list[str], files_cache: dict[str, Any]) -> bool:
+    def _task_config(self, overrides: list[str]) -> Any:
+        """The typed config one job of the sweep runs with."""
         from jobs.cli import to_run_config
-        from jobs.pipeline.completion import is_complete
 
         assert self.hydra_context is not None and self.config is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with read_write(cfg), open_dict(cfg):
+            task_cfg = copy.deepcopy(cfg)
+            del task_cfg["hydra"]
+        return to_run_config(task_cfg)
+
+    def _check_layout(self, overrides: list[str]) -> None:
+        """Exit (status 2) before submitting anything when the run directory holds another split of the run."""
+        from jobs.config import GenerationJobConfig
+        from jobs.errors import JobError
+        from jobs.pipeline.shards import check_layout, resolve_shard
+
         try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            with read_write(cfg), open_dict(cfg):
-                task_cfg = copy.deepcopy(cfg)
-                del task_cfg["hydra"]
-            return is_complete(to_run_config(task_cfg), files_cache)
+            cfg = self._task_config(overrides)
+            count = resolve_shard(cfg.shard).count
+        except Exception:  # each task reports its own problems
+            return
+        if cfg.overwrite or not isinstance(cfg.job, GenerationJobConfig):
+            return
+        try:
+            check_layout(cfg.run_dir, count, overwrite=False)
+        except JobError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise JobExit(EXIT_START_ERROR) from None
+
+    def _is_complete(self, overrides: list[str], files_cache: dict[str, Any]) -> bool:
+        from jobs.pipeline.completion import is_complete
+
+        try:
+            return is_complete(self._task_config(overrides), files_cache)
         except Exception as e:  # when in doubt, launch: the job checks again and reports its own errors
             log.debug("could not check %s: %s", overrides, e)
             return False

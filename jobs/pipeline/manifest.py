@@ -24,6 +24,7 @@ from jobs.pipeline.atomic import commit_json, fsync_dir, remove_temporaries
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+CARD_NAME = "README.md"  # the dataset card job=merge writes into a run directory
 GENERATIONS_DIR = "generations"
 STEPS_DIR = "steps"
 ARROW_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"

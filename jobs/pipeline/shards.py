@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jobs.config import ShardConfig
 from jobs.errors import JobError
+from jobs.pipeline.manifest import CARD_NAME, GENERATIONS_DIR, MANIFEST_NAME, STEPS_DIR
+
+log = logging.getLogger(__name__)
 
 SHARD_RULE = "row_index % count == index"
 SHARD_DIR_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -35,6 +40,48 @@ def shard_path(run_dir: str | Path, shard: ShardConfig) -> Path:
     """Where a resolved shard writes: ``run_dir`` itself when the job is not split."""
     base = Path(run_dir)
     return base if shard.count == 1 else base / shard_subdir(shard.index, shard.count)
+
+
+def other_layouts(run_dir: str | Path, count: int) -> list[Path]:
+    """What in ``run_dir`` belongs to another split than ``count`` shards (1: unsplit): the manifest of an
+    unsplit run, shard folders of another count. Folders without a manifest (never started) do not count."""
+    run_dir = Path(run_dir)
+    found = [run_dir / MANIFEST_NAME] if count > 1 and (run_dir / MANIFEST_NAME).exists() else []
+    if run_dir.is_dir():
+        for p in sorted(run_dir.iterdir()):
+            m = SHARD_DIR_RE.match(p.name)
+            if m and int(m.group(2)) != count and (p / MANIFEST_NAME).exists():
+                found.append(p)
+    return found
+
+
+def check_layout(run_dir: str | Path, count: int, overwrite: bool) -> None:
+    """Refuse to write a split of ``count`` shards (1: an unsplit run) into a ``run_dir`` that holds another:
+    the two could never be merged into one dataset. With ``overwrite`` the other split is deleted instead."""
+    run_dir = Path(run_dir)
+    others = other_layouts(run_dir, count)
+    if not others:
+        return
+    this = "an unsplit run" if count == 1 else f"a split into {count} shards"
+    names = ", ".join(p.name for p in others)
+    if overwrite:
+        log.warning("overwrite=true: deleting the other split in %s (%s)", run_dir, names)
+        for p in others:
+            if p.name == MANIFEST_NAME:  # the unsplit run's own files; shard folders are its siblings
+                for name in (GENERATIONS_DIR, STEPS_DIR):
+                    shutil.rmtree(run_dir / name, ignore_errors=True)
+                for name in (MANIFEST_NAME, "config.yaml", CARD_NAME):
+                    (run_dir / name).unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        return
+    there = "an unsplit run" if others[0].name == MANIFEST_NAME else "shard folders of another split"
+    suffix = "single" if count == 1 else f"{count}-shards"
+    raise JobError(
+        f"{run_dir} holds {there} ({names}); {this} written beside it could never be merged into one dataset. "
+        f"Add run_dir={run_dir}-{suffix} to the command to write this run elsewhere, or overwrite=true to delete "
+        f"what is there and start over"
+    )
 
 
 def slurm_shard(env: Mapping[str, str]) -> tuple[int, int] | None:

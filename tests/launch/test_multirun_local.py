@@ -198,3 +198,13 @@ def test_a_task_error_is_its_last_error_line_or_the_last_line():
         task_error("", RuntimeError("Traceback\n  File y\nZeroDivisionError: boom"))
         == "ZeroDivisionError: boom"
     )
+
+
+def test_a_multirun_into_the_folder_of_an_unsplit_run_is_refused_before_submitting(tmp_path, models_dir):
+    """The README's order: the default job, then the split multirun with the same run folder."""
+    first = run_cli([*SETTINGS, "data.limit=2", f"output_root={tmp_path}", f"models_dir={models_dir}"])
+    assert first.returncode == 0, first.stderr
+    proc = run_cli(multirun_args(tmp_path, models_dir, 2))
+    assert proc.returncode == 2 and "holds an unsplit run (manifest.json)" in proc.stderr, proc.stderr
+    assert f"run_dir={tmp_path / RUN}-2-shards" in proc.stderr and "overwrite=true" in proc.stderr
+    assert not list((tmp_path / RUN).glob("shard-*")) and not (tmp_path / RUN / ".submitit").exists()
