@@ -24,7 +24,7 @@ from jobs.pipeline.generation_loop import GenerationLoop
 from jobs.pipeline.lock import run_lock
 from jobs.pipeline.manifest import CARD_NAME, config_hash, finished_run, open_run
 from jobs.pipeline.progress import Progress, RunStats
-from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
+from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, check_first_rows, input_columns
 from jobs.pipeline.shards import check_layout, resolve_shard, shard_map, shard_path
 from jobs.pipeline.signals import StopSignal
 from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
@@ -94,6 +94,7 @@ def run_generation(
     if done is not None:
         log.info("%s: %s is complete (%d rows); nothing to do", cfg.job.name, out_dir, done.rows)
         return RunStats(skipped_rows=done.sources, complete=True)
+    check_first_rows(select_rows(source, cfg.data.limit, cfg.shard), cfg.data, source.description)
     if not cfg.overwrite:
         check_layout(cfg.run_dir, cfg.shard.count, overwrite=False)  # before anything is written
     with run_lock(out_dir):
