@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 JOBS = ("synthetic_data", "distill", "benchmark", "report", "merge")
 EXIT_ERROR = 2
-# What to pass for a required value left unset (``???`` in conf/).
+# What to pass for a required value left unset (``???`` in conf/; model=hf's model.model keeps the schema's
+# empty default, which the generation job refuses itself).
 REQUIRED_HINTS = {
     "data.path": "add data.path=<a file, folder or glob; a hub id or dataset folder for data=hf>",
-    "model.model": "add model.model=<a hub id or a local checkpoint folder>",
 }
 # Jobs that read an existing run: run_dir names it (their default run_dir, outputs/<job>/..., never holds one).
 RUN_READERS = ("merge", "report")
