@@ -5,19 +5,25 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from jobs.cli import exit_status, register_configs
 from jobs.cli import main as run_job
-from jobs.cli import register_configs
+from jobs.errors import JobExit
 
 register_configs()
+_started = []  # set once the job itself runs: Hydra's status 1 after that is a crash, not an error at start
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Compose the config, run the job, exit with its status."""
+    _started.append(True)
     status = run_job(cfg)
     if status:
-        sys.exit(status)
+        raise JobExit(status)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        sys.exit(exit_status(e, started=bool(_started)))

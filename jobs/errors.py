@@ -9,6 +9,10 @@ class JobError(Exception):
     """A problem with the configuration, the source, the model or the output directory (found at start, or a failed commit)."""
 
 
+class JobExit(SystemExit):
+    """The process exits with the status the job (or the launcher of its tasks) decided, not Hydra's."""
+
+
 class Interrupted(Exception):
     """The run stopped on a signal after committing what was finished; ``exit_code`` is 128 + the signal number."""
 

@@ -22,12 +22,12 @@ from jobs.pipeline.atomic import commit_file
 from jobs.pipeline.fingerprint import fingerprint
 from jobs.pipeline.generation_loop import GenerationLoop
 from jobs.pipeline.lock import run_lock
-from jobs.pipeline.manifest import config_hash, finished_run, open_run
+from jobs.pipeline.manifest import CARD_NAME, config_hash, finished_run, open_run
 from jobs.pipeline.prefetch import Prefetcher
 from jobs.pipeline.progress import Progress, RunStats
-from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, input_columns
+from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, check_first_rows, input_columns
 from jobs.pipeline.row_keys import CommittedRows
-from jobs.pipeline.shards import resolve_shard, shard_map, shard_path
+from jobs.pipeline.shards import check_layout, resolve_shard, shard_map, shard_path
 from jobs.pipeline.signals import StopSignal
 from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
 from jobs.pipeline.writer import OutputSink
@@ -35,6 +35,7 @@ from jobs.pipeline.writer import OutputSink
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[RunConfig], Any]
+EMPTY_MODEL = "model.model is not set: add model.model=<a hub id or a local checkpoint folder>"
 CONFIG_NAME = "config.yaml"  # the resolved config of the latest start that passed the checks
 
 
@@ -54,7 +55,7 @@ def model_config(cfg: RunConfig) -> ModelConfig:
             )
         path = str(tiny_model.materialise(m.builtin, cfg.models_dir))
     if not path:
-        raise JobError("model.model is empty: set it to a local checkpoint folder or a hub id")
+        raise JobError(EMPTY_MODEL)
     names = [f.name for f in dataclasses.fields(ModelConfig)]
     return ModelConfig(**{n: getattr(m, n) for n in names} | {"model": path})
 
@@ -79,6 +80,8 @@ def run_generation(
 ) -> RunStats:
     """Generate ``params.n`` rows per source row into ``output_dir(cfg)``, resuming what is committed there."""
     params = params or cfg.job.sampling
+    if not (cfg.model.builtin or cfg.model.model):
+        raise JobError(EMPTY_MODEL)  # before anything is written
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
     columns = input_columns(cfg.job.prompt, cfg.data)
     source = open_source(cfg.data, columns)
@@ -93,7 +96,12 @@ def run_generation(
     if done is not None:
         log.info("%s: %s is complete (%d rows); nothing to do", cfg.job.name, out_dir, done.rows)
         return RunStats(skipped_rows=done.sources, complete=True)
+    check_first_rows(select_rows(source, cfg.data.limit, cfg.shard), cfg.data, source.description)
+    if not cfg.overwrite:
+        check_layout(cfg.run_dir, cfg.shard.count, overwrite=False)  # before anything is written
     with run_lock(out_dir):
+        if cfg.overwrite:
+            check_layout(cfg.run_dir, cfg.shard.count, overwrite=True)
         return _generate(cfg, params, make_engine, source, out_dir, fp, rows_map)
 
 
@@ -109,6 +117,10 @@ def _generate(
     """Open (or resume) ``out_dir`` and run the engine over the rows not committed yet; the caller holds the lock."""
     digest = config_hash(fp)
     state = open_run(out_dir, cfg.job.name, fp, cfg.overwrite, rows_map, cfg.data.limit)
+    card = Path(cfg.run_dir) / CARD_NAME
+    if card.exists():  # it lists the files of the run as it was; this run changes them
+        card.unlink(missing_ok=True)
+        log.warning("removed %s (written by job=merge): run job=merge again once the run is complete", card)
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
     engine = make_engine(cfg)
@@ -150,6 +162,8 @@ def _generate(
             progress.close()
     stats.wall_s = time.monotonic() - start
     stats.gpu_busy = engine.summary().gpu_busy
+    device = getattr(engine, "device", None)
+    stats.device = getattr(device, "type", None)
     if stats.complete:
         state.manifest.complete = True
         state.manifest.save()

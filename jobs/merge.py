@@ -19,15 +19,13 @@ import yaml
 from jobs.config import RunConfig
 from jobs.errors import JobError
 from jobs.pipeline.atomic import commit_file
-from jobs.pipeline.manifest import GENERATIONS_DIR, MANIFEST_NAME, STEPS_DIR, Manifest
+from jobs.pipeline.manifest import CARD_NAME, GENERATIONS_DIR, MANIFEST_NAME, STEPS_DIR, Manifest
 from jobs.pipeline.shards import SHARD_DIR_RE, shard_subdir
 
 if TYPE_CHECKING:
     import datasets
 
 log = logging.getLogger(__name__)
-
-CARD_NAME = "README.md"
 
 
 @dataclass
@@ -91,7 +89,10 @@ def shard_folders(run_dir: Path) -> tuple[int, list[Path]]:
             raise JobError(f"no run in {run_dir}: no {MANIFEST_NAME} and no shard-*-of-* folders")
         return 1, [run_dir]
     if (run_dir / MANIFEST_NAME).exists():
-        raise JobError(f"{run_dir} holds both an unsplit run ({MANIFEST_NAME}) and shard folders")
+        raise JobError(
+            f"{run_dir} holds both an unsplit run ({MANIFEST_NAME}) and shard folders: run the one you want again "
+            "with overwrite=true (it deletes the other), or move one of them to another folder"
+        )
     count = counts[0]
     return count, [run_dir / shard_subdir(i, count) for i in range(count)]
 

@@ -41,9 +41,10 @@ def run(cfg: RunConfig) -> list[ReportSummary]:
         title = "/".join(folder.resolve().parts[-2:])
         s = write_report(step_files(folder), folder, title, zoom_steps=cfg.job.zoom_steps)
         log.info(
-            "report: %s | %d steps | GPU busy %.1f%% | %.1f steps/s -> %s",
+            "report: %s | %d steps | %s %.1f%% | %.1f steps/s -> %s",
             title,
             s.steps,
+            s.busy_label,
             100 * s.gpu_busy,
             s.steps_per_s,
             ", ".join(str(folder / f) for f in s.files),

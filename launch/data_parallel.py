@@ -28,7 +28,7 @@ from typing import IO, Any
 from jobs.config import GenerationJobConfig, RunConfig, ShardConfig
 from jobs.errors import JobError
 from jobs.pipeline.manifest import MANIFEST_NAME, Manifest
-from jobs.pipeline.shards import SHARD_DIR_RE, shard_path, slurm_shard
+from jobs.pipeline.shards import SHARD_DIR_RE, check_layout, shard_path, slurm_shard
 from jobs.pipeline.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -124,17 +124,14 @@ def _check(cfg: RunConfig, count: int, env: Mapping[str, str]) -> None:
             "(and run one data-parallel job per node, outside a split Slurm job)"
         )
     run_dir = Path(cfg.run_dir)
-    if (run_dir / MANIFEST_NAME).exists():
-        raise JobError(
-            f"{run_dir} holds an unsplit run ({MANIFEST_NAME}): data_parallel={count} writes shard folders; "
-            "choose another run_dir or output_root"
-        )
     counts = {int(m.group(2)) for p in run_dir.glob("shard-*") if (m := SHARD_DIR_RE.match(p.name))}
-    if counts - {count}:
+    if counts - {count} and not cfg.overwrite:
         raise JobError(
             f"{run_dir} holds shard folders of another split (shard count {sorted(counts)}): "
-            f"resume it with data_parallel={sorted(counts)[0]}, or choose another run_dir"
+            f"resume it with data_parallel={sorted(counts)[0]}, or choose another run_dir, or add overwrite=true"
         )
+    if not cfg.overwrite:  # with overwrite, each worker deletes the other split
+        check_layout(run_dir, count, overwrite=False)
 
 
 def _total_source_rows(cfg: RunConfig) -> int | None:

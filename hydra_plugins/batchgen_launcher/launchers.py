@@ -3,7 +3,8 @@
 Before submitting, each job of the sweep is composed and its shard folder checked: a shard whose
 manifest says it completed these rows with this config and shard map (``jobs.pipeline.completion``) is
 reported as done instead of being submitted, so re-running a multirun submits only what is missing.
-Everything else (the executor, the array, requeueing on preemption) is submitit's.
+Everything else (the executor, the array, requeueing on preemption) is submitit's. When tasks fail, the
+launcher waits for all of them, prints each failed task's own error on one line, and exits with status 1.
 
 On a cluster without accounting storage (``sacct`` answers "accounting storage is disabled"), the
 Slurm launcher follows its tasks with ``squeue`` instead (``SqueueWatcher``): submitit would warn on
@@ -15,18 +16,40 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from omegaconf import open_dict, read_write
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf, open_dict, read_write
 from submitit.core import logger as submitit_logger
 from submitit.slurm import slurm as submitit_slurm
 
+from jobs.errors import JobExit
+
 log = logging.getLogger(__name__)
+EXIT_TASKS_FAILED = 1
+EXIT_START_ERROR = 2
+
+
+def task_error(stderr: str, exception: BaseException) -> str:
+    """A failed task's own error on one line: its last ``error:`` line on stderr, else the last line of its
+    stderr or of the exception (a traceback's last line names the exception)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        return errors[-1]
+    if lines:
+        return lines[-1]
+    text = [ln.strip() for ln in str(exception).splitlines() if ln.strip()]
+    return text[-1] if text else type(exception).__name__
 
 
 class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
@@ -40,23 +63,106 @@ class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
         for overrides, done in zip(job_overrides, complete, strict=True):
             if done:
                 log.info("complete, not launched: %s", " ".join(overrides))
-        launched = iter(super().launch(todo, initial_job_idx) if todo else [])
+        if todo:
+            self._check_layout(todo[0])
+        launched = iter(self._run(todo, initial_job_idx) if todo else [])
         return [
             JobReturn(overrides=list(o), status=JobStatus.COMPLETED) if done else next(launched)
             for o, done in zip(job_overrides, complete, strict=True)
         ]
 
-    def _is_complete(self, overrides: list[str], files_cache: dict[str, Any]) -> bool:
+    def _run(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[JobReturn]:
+        """Submit the jobs as one array and wait for all; exit naming each failed task with its error."""
+        jobs = self._submit(job_overrides, initial_job_idx)
+        results, failed = [], []
+        for i, (overrides, job) in enumerate(zip(job_overrides, jobs, strict=True)):
+            try:
+                results.append(job.results()[0])
+            except (
+                Exception
+            ) as e:  # submitit's UncompletedJobError / FailedJobError: the task's process failed
+                try:
+                    stderr = job.stderr() or ""
+                except OSError:
+                    stderr = ""
+                failed.append(f"#{initial_job_idx + i} ({' '.join(overrides)}): {task_error(stderr, e)}")
+        if failed:
+            logs = str(self.params["submitit_folder"]).replace("%j", "<job id>")
+            print(
+                f"error: {len(failed)} of {len(jobs)} tasks failed (each task's output: {logs}):\n  "
+                + "\n  ".join(failed),
+                file=sys.stderr,
+            )
+            raise JobExit(EXIT_TASKS_FAILED)
+        return results
+
+    def _submit(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[Any]:
+        """submitit's executor for the launcher's parameters, and the jobs of one array (as Hydra's launcher does)."""
+        import submitit
+
+        assert self.config is not None
+        params = self.params
+        specific_init_keys = {"max_num_timeout"}
+        init_params = {"folder": params["submitit_folder"]}
+        init_params.update({f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x in specific_init_keys})
+        init_keys = specific_init_keys | {"submitit_folder"}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                x if x in baseparams else f"{self._EXECUTOR}_{x}": y
+                for x, y in params.items()
+                if x not in init_keys
+            }
+        )
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        job_params = []
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            job_params.append(
+                (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+            )
+        return executor.map_array(self, *zip(*job_params, strict=True))
+
+    def _task_config(self, overrides: list[str]) -> Any:
+        """The typed config one job of the sweep runs with."""
         from jobs.cli import to_run_config
-        from jobs.pipeline.completion import is_complete
 
         assert self.hydra_context is not None and self.config is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with read_write(cfg), open_dict(cfg):
+            task_cfg = copy.deepcopy(cfg)
+            del task_cfg["hydra"]
+        return to_run_config(task_cfg)
+
+    def _check_layout(self, overrides: list[str]) -> None:
+        """Exit (status 2) before submitting anything when the run directory holds another split of the run."""
+        from jobs.config import GenerationJobConfig
+        from jobs.errors import JobError
+        from jobs.pipeline.shards import check_layout, resolve_shard
+
         try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            with read_write(cfg), open_dict(cfg):
-                task_cfg = copy.deepcopy(cfg)
-                del task_cfg["hydra"]
-            return is_complete(to_run_config(task_cfg), files_cache)
+            cfg = self._task_config(overrides)
+            count = resolve_shard(cfg.shard).count
+        except Exception:  # each task reports its own problems
+            return
+        if cfg.overwrite or not isinstance(cfg.job, GenerationJobConfig):
+            return
+        try:
+            check_layout(cfg.run_dir, count, overwrite=False)
+        except JobError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise JobExit(EXIT_START_ERROR) from None
+
+    def _is_complete(self, overrides: list[str], files_cache: dict[str, Any]) -> bool:
+        from jobs.pipeline.completion import is_complete
+
+        try:
+            return is_complete(self._task_config(overrides), files_cache)
         except Exception as e:  # when in doubt, launch: the job checks again and reports its own errors
             log.debug("could not check %s: %s", overrides, e)
             return False

@@ -25,6 +25,7 @@ from jobs.pipeline.row_keys import CommittedRows
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+CARD_NAME = "README.md"  # the dataset card job=merge writes into a run directory
 GENERATIONS_DIR = "generations"
 STEPS_DIR = "steps"
 ARROW_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"

@@ -22,6 +22,7 @@ class RunStats:
     completion_tokens: int = 0
     wall_s: float = 0.0
     gpu_busy: float | None = None
+    device: str | None = None  # the engine's device type ("cuda", "cpu"); busy is a GPU's only on "cuda"
     complete: bool = False
 
     @property
@@ -30,13 +31,14 @@ class RunStats:
         return self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def summary(self) -> str:
-        """One line: rows, tokens, wall time, tokens/s, GPU busy."""
+        """One line: rows, tokens, wall time, tokens/s, and how busy the device was (GPU busy on CUDA)."""
         busy = "n/a" if self.gpu_busy is None else f"{100 * self.gpu_busy:.1f}%"
+        label = "GPU busy" if self.device == "cuda" else "device busy"
         return (
             f"{self.source_rows} source rows -> {self.output_rows} rows ({self.error_rows} errors, "
             f"{self.skipped_rows} already committed) | {self.completion_tokens} tokens generated, "
             f"{self.prompt_tokens} prompt tokens | {self.wall_s:.1f} s | {self.tokens_per_s:.1f} tok/s | "
-            f"GPU busy {busy}"
+            f"{label} {busy}"
         )
 
 

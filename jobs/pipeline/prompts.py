@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from engine.sampling_params import SamplingParams
 from engine.tokenization import validate_messages
-from jobs.config import DataConfig, PromptConfig
+from jobs.config import DataConfig, PromptConfig, SourceFormat
 from jobs.errors import JobError
 from jobs.pipeline.field_types import field_types
 from jobs.pipeline.row_keys import duplicate_error
@@ -184,6 +187,42 @@ class PromptBuilder:
         if all(not m["content"].strip() for m in out if m["role"] not in ("system", "developer")):
             raise ValueError("messages have no content to answer")
         return out
+
+
+FIRST_ROWS_CHECKED = 32
+
+
+def error_reason(error: str) -> str:
+    """A row's error without where it happened (``at <file>:<line>``) or other numbers."""
+    return re.sub(r"\d+", "N", re.sub(r" at \S+:\d+", "", error))
+
+
+def check_first_rows(rows: Iterable[SourceRow], data: DataConfig, description: str) -> None:
+    """JobError when the first ``FIRST_ROWS_CHECKED`` rows (all, if fewer) cannot be read as rows of this
+    format for the same reason (a plain JSON Lines file read as an OpenAI batch file, an unsupported request
+    field on every line): the run would write only error rows. A bad row here and there is an error row."""
+    errors = []
+    for row in itertools.islice(rows, FIRST_ROWS_CHECKED):
+        if row.error is None:
+            return
+        errors.append(row.error)
+    if not errors or len({error_reason(e) for e in errors}) > 1:
+        return
+    first = (
+        f"the first {len(errors)} rows of {description}"
+        if len(errors) > 1
+        else f"the only row of {description}"
+    )
+    if data.format is SourceFormat.openai_batch and "has no 'body' object" in errors[0]:
+        raise JobError(
+            f"{first} are not OpenAI batch requests ({errors[0]}): each line of a batch file is "
+            '{"custom_id": ..., "body": {"messages" | "prompt": ...}}. For plain JSON Lines use data=jsonl '
+            "(with data.prompt_column or data.messages_column, and data.id_column)"
+        )
+    raise JobError(
+        f"{first} cannot be read as data={data.format.value} rows, all for the same reason: {errors[0]}. "
+        "The run would write only error rows: check the data group and data.path"
+    )
 
 
 def checked_text(text: str, what: str) -> str:

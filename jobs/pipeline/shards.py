@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from jobs.config import ShardConfig
 from jobs.errors import JobError
+from jobs.pipeline.manifest import CARD_NAME, GENERATIONS_DIR, MANIFEST_NAME, STEPS_DIR
+
+log = logging.getLogger(__name__)
 
 SHARD_RULE = "row_index % count == index"
 SHARD_DIR_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -31,6 +40,48 @@ def shard_path(run_dir: str | Path, shard: ShardConfig) -> Path:
     """Where a resolved shard writes: ``run_dir`` itself when the job is not split."""
     base = Path(run_dir)
     return base if shard.count == 1 else base / shard_subdir(shard.index, shard.count)
+
+
+def other_layouts(run_dir: str | Path, count: int) -> list[Path]:
+    """What in ``run_dir`` belongs to another split than ``count`` shards (1: unsplit): the manifest of an
+    unsplit run, shard folders of another count. Folders without a manifest (never started) do not count."""
+    run_dir = Path(run_dir)
+    found = [run_dir / MANIFEST_NAME] if count > 1 and (run_dir / MANIFEST_NAME).exists() else []
+    if run_dir.is_dir():
+        for p in sorted(run_dir.iterdir()):
+            m = SHARD_DIR_RE.match(p.name)
+            if m and int(m.group(2)) != count and (p / MANIFEST_NAME).exists():
+                found.append(p)
+    return found
+
+
+def check_layout(run_dir: str | Path, count: int, overwrite: bool) -> None:
+    """Refuse to write a split of ``count`` shards (1: an unsplit run) into a ``run_dir`` that holds another:
+    the two could never be merged into one dataset. With ``overwrite`` the other split is deleted instead."""
+    run_dir = Path(run_dir)
+    others = other_layouts(run_dir, count)
+    if not others:
+        return
+    this = "an unsplit run" if count == 1 else f"a split into {count} shards"
+    names = ", ".join(p.name for p in others)
+    if overwrite:
+        log.warning("overwrite=true: deleting the other split in %s (%s)", run_dir, names)
+        for p in others:
+            if p.name == MANIFEST_NAME:  # the unsplit run's own files; shard folders are its siblings
+                for name in (GENERATIONS_DIR, STEPS_DIR):
+                    shutil.rmtree(run_dir / name, ignore_errors=True)
+                for name in (MANIFEST_NAME, "config.yaml", CARD_NAME):
+                    (run_dir / name).unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        return
+    there = "an unsplit run" if others[0].name == MANIFEST_NAME else "shard folders of another split"
+    suffix = "single" if count == 1 else f"{count}-shards"
+    raise JobError(
+        f"{run_dir} holds {there} ({names}); {this} written beside it could never be merged into one dataset. "
+        f"Add run_dir={run_dir}-{suffix} to the command to write this run elsewhere, or overwrite=true to delete "
+        f"what is there and start over"
+    )
 
 
 def slurm_shard(env: Mapping[str, str]) -> tuple[int, int] | None:
@@ -85,16 +136,53 @@ def shard_map(shard: ShardConfig, files: list[tuple[str, int | None]]) -> dict[s
     }
 
 
-def subdir_resolver(index: int | None, count: int | None) -> str:
+# Hydra's output folder of this process -> the topmost of its folders that did not exist when Hydra first
+# asked for it (None: it existed), so that a failed start can remove what it created (``new_folders``).
+_NEW_FOLDERS: dict[Path, Path | None] = {}
+
+
+def _note_folder(folder: str | Path) -> None:
+    """Remember which of ``folder``'s folders do not exist yet (the first time only: Hydra resolves its
+    output folder before it creates it)."""
+    path = Path(folder).absolute()
+    if path in _NEW_FOLDERS:
+        return
+    top, probe = None, path
+    while not probe.exists() and probe != probe.parent:
+        top, probe = probe, probe.parent
+    _NEW_FOLDERS[path] = top
+
+
+def new_folders(folder: str | Path) -> Path | None:
+    """The topmost folder that this process's start created on the way to ``folder`` (None if none or unknown)."""
+    return _NEW_FOLDERS.get(Path(folder).absolute())
+
+
+def subdir_resolver(index: int | None, count: int | None, *, _root_: Any = None) -> str:
     """Hydra resolver ``${shard_subdir:${shard.index},${shard.count}}``: the shard's folder name, ``.`` if unsplit."""
     try:
         shard = resolve_shard(ShardConfig(index, count))
     except JobError:
         return "."  # the job reports the problem itself, with a clear message
-    return "." if shard.count == 1 else shard_subdir(shard.index, shard.count)
+    subdir = "." if shard.count == 1 else shard_subdir(shard.index, shard.count)
+    sweep_dir = OmegaConf.select(_root_, "hydra.sweep.dir", default=None) if _root_ is not None else None
+    if sweep_dir is not None:
+        _note_folder(Path(sweep_dir) / subdir)
+    return subdir
 
 
 def dir_resolver(run_dir: str, index: int | None, count: int | None) -> str:
     """Hydra resolver ``${shard_dir:${run_dir},${shard.index},${shard.count}}``: the shard's output folder."""
     subdir = subdir_resolver(index, count)
-    return run_dir if subdir == "." else f"{run_dir}/{subdir}"
+    folder = run_dir if subdir == "." else f"{run_dir}/{subdir}"
+    _note_folder(folder)
+    return folder
+
+
+def run_folder_resolver(*, _root_: Any) -> str:
+    """Hydra resolver ``${run_folder:}``: ``run_dir``, or a scratch folder when it cannot be resolved (a required
+    value such as ``data.path`` not set), so that the job itself, not Hydra, reports what is missing."""
+    try:
+        return str(OmegaConf.select(_root_, "run_dir", throw_on_missing=True))
+    except OmegaConfBaseException:
+        return str(Path(tempfile.gettempdir()) / f"batchgen-unresolved-{os.getpid()}")

@@ -83,7 +83,9 @@ def plot_timeline(tl: Timeline, summary: ReportSummary, out: BinaryIO, zoom_step
     """Write the two-lane timeline PNG of ``tl`` to ``out``."""
     fig, (zoom, whole, busy) = _figure(3, 9)
     modes = ", ".join(summary.modes)
-    fig.suptitle(f"{summary.title} ({modes}): GPU busy {summary.gpu_busy:.1%} over {summary.steps:,} steps")
+    fig.suptitle(
+        f"{summary.title} ({modes}): {summary.busy_label} {summary.gpu_busy:.1%} over {summary.steps:,} steps"
+    )
     w = zoom_window(tl, zoom_steps)
     _zoom_panel(zoom, tl, w)
     _whole_panel(whole, tl, w)

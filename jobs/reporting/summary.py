@@ -58,6 +58,12 @@ class ReportSummary:
     preemptions: int | None
     files: list[str] = field(default_factory=list)
 
+    @property
+    def busy_label(self) -> str:
+        """``GPU busy`` when the steps ran in async mode (CUDA only), else ``device busy`` (the step records
+        do not name their device, and on CPU the "compute" lane is the forward pass on the CPU)."""
+        return "GPU busy" if "async" in self.modes else "device busy"
+
 
 def summarize(timeline: Timeline, title: str) -> ReportSummary:
     """The summary of ``timeline``'s steps."""
@@ -102,7 +108,7 @@ def to_markdown(s: ReportSummary, images: list[str]) -> str:
         ("mode", ", ".join(s.modes) or "-"),
         ("steps", f"{s.steps:,} ({runs})"),
         ("wall time of the steps", f"{s.wall_s:.3f} s"),
-        ("GPU busy", f"{s.gpu_busy:.1%}"),
+        (s.busy_label, f"{s.gpu_busy:.1%}"),
         ("GPU compute", f"{s.gpu_compute_s:.3f} s"),
         ("GPU idle", f"{s.gpu_idle_s:.3f} s"),
         ("steps/s", f"{s.steps_per_s:.1f}"),

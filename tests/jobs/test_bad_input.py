@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from jobs.errors import JobError
 from jobs.generate import output_dir, run_generation
 from jobs.pipeline.manifest import MANIFEST_NAME, Manifest
-from jobs_helpers import compose_config, fake_factory, read_rows, rows_by_custom_id
+from jobs_helpers import PROMPTS, compose_config, fake_factory, read_rows, rows_by_custom_id
 
 BAD_ROWS = [  # (prompt, messages, the error's text; None for a good row)
     ("fine", None, None),
@@ -207,6 +207,30 @@ def test_openai_batch_sampling_fields_of_the_wrong_type_are_error_rows(tmp_path)
         for s in range(2):
             error = rows[f"c{i}-{s}"]["error"]
             assert error is None if expected is None else expected in error, (i, error)
+
+
+def test_a_plain_jsonl_read_as_an_openai_batch_file_is_refused_at_start(tmp_path):
+    """The shipped prompts (50 plain JSON Lines rows) with data=openai_batch: every row would be an error row."""
+    cfg = config(tmp_path, "data=openai_batch", f"data.path={PROMPTS}")
+    made, factory = fake_factory()
+    with pytest.raises(JobError, match="the first 32 rows of jsonl .* are not OpenAI batch requests") as err:
+        run_generation(cfg, make_engine=factory)
+    assert "has no 'body' object" in str(err.value) and "use data=jsonl" in str(err.value)
+    assert not made and not Path(cfg.run_dir).exists(), "stopped before the engine and before any file"
+
+
+def test_the_same_row_error_on_every_first_row_is_refused_but_a_few_bad_rows_are_error_rows(tmp_path):
+    line = {"custom_id": "c", "body": {"prompt": "hi", "response_format": {"type": "json"}}}
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(line | {"custom_id": f"c{i}"}) + "\n" for i in range(3)))
+    with pytest.raises(JobError, match="the first 3 rows .* unsupported request field 'response_format'"):
+        run_generation(
+            config(tmp_path, "data=openai_batch", f"data.path={path}"), make_engine=fake_factory()[1]
+        )
+    good = {"custom_id": "ok", "body": {"prompt": "hi"}}
+    path.write_text(path.read_text() + json.dumps(good) + "\n")
+    rows = run(config(tmp_path, "data=openai_batch", f"data.path={path}", "job.sampling.n=1"))
+    assert rows["ok-0"]["error"] is None and "unsupported request field" in rows["c0-0"]["error"]
 
 
 def test_row_that_does_not_fit_the_schema_is_stored_as_an_error_row():

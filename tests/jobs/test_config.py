@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -11,8 +14,8 @@ from engine.sampling_params import SamplingParams
 from jobs import cli
 from jobs.cli import register_configs
 from jobs.config import GenerationJobConfig, SourceFormat, path_name
-from jobs.errors import JobError
-from jobs_helpers import CONF_DIR, compose_config, run_cli
+from jobs.errors import JobError, JobExit
+from jobs_helpers import CONF_DIR, ROOT, cli_env, compose_config, run_cli
 
 
 def compose_raw(overrides, hydra_config=False):
@@ -81,15 +84,89 @@ def test_invalid_values_are_refused_before_the_model_loads(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+job.sampling.temperatur=1", "job.sampling.temperatur (did you mean job.sampling.temperature?)"),
+        ("+engine.max_num_seq=2", "engine.max_num_seq (did you mean engine.max_num_seqs?)"),
+        ("+data.prompt_colum=text", "data.prompt_colum (did you mean data.prompt_column?)"),
+        ("+outptu_root=/tmp", "outptu_root (did you mean output_root?)"),
+    ],
+)
+def test_a_key_added_with_plus_is_refused_when_the_schema_lacks_it(override, message):
+    with pytest.raises(JobError, match="unknown config key") as err:
+        compose_config([override])
+    assert message in str(err.value)
+
+
 def test_benchmark_without_a_bench_names_the_choices(capsys):
     assert cli.main(compose_raw(["job=benchmark"])) == cli.EXIT_ERROR
     assert "choose a benchmark: bench=<w1|w2|w2s|w3|w70b|smoke|job>" in capsys.readouterr().err
 
 
-def test_cli_typo_exits_before_loading_anything(tmp_path):
-    proc = run_cli(["job.sampling.temperatur=0.5", f"output_root={tmp_path}"])
-    assert proc.returncode == 1 and "Could not override 'job.sampling.temperatur'" in proc.stderr
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("job.sampling.temperatur=0.5", "Could not override 'job.sampling.temperatur'"),
+        ("job.prompt.template=Write a {style}", "mismatched input '{'"),
+    ],
+)
+def test_cli_typo_exits_with_status_2_before_loading_anything(tmp_path, override, message):
+    """Hydra's own errors (a key the schema lacks, the override grammar) are errors at start: status 2."""
+    proc = run_cli([override, f"output_root={tmp_path}"])
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "_models").exists() and not (tmp_path / "synthetic_data").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data=jsonl"], "error: data.path is not set: add data.path=<a file, folder or glob"),
+        (
+            ["model=hf"],
+            "error: model.model is not set: add model.model=<a hub id or a local checkpoint folder>",
+        ),
+        (
+            ["job=merge"],
+            "error: job=merge needs the run to read: python run.py job=merge run_dir=outputs/<job>/<run>",
+        ),
+        (["job=report"], "error: job=report needs the run to read"),
+        (["data=jsonl", "data.path=/nonexistent/x.jsonl"], "error: data.path: no such file or directory"),
+    ],
+)
+def test_a_required_value_left_unset_is_one_line_exit_2_and_leaves_no_folder(tmp_path, overrides, message):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "run.py", *overrides, f"output_root={out}", "runner.progress=false"],
+        cwd=ROOT,
+        env=cli_env() | {"TMPDIR": str(scratch)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+    assert not out.exists() and not list(scratch.iterdir()), "a failed start leaves no folder behind"
+
+
+def test_a_failed_start_in_an_existing_folder_writes_its_error_into_run_log(tmp_path):
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    proc = run_cli(["job=merge", f"run_dir={folder}"])
+    assert proc.returncode == 2 and f"error: no run in {folder}" in proc.stderr
+    assert f"error: no run in {folder}" in (folder / "run.log").read_text()
+
+
+def test_status_1_becomes_2_only_for_hydras_own_errors_at_start():
+    assert cli.exit_status(SystemExit(1), started=False) == cli.EXIT_ERROR, "Hydra's error before the job"
+    assert cli.exit_status(SystemExit(1), started=True) == 1, "a crash inside the job"
+    assert cli.exit_status(JobExit(1), started=False) == 1, (
+        "a failed task of a multirun: the job's own status"
+    )
+    assert cli.exit_status(SystemExit(0), started=False) == 0
 
 
 def test_invalid_value_exits_with_status_2_and_a_message(tmp_path, capsys):

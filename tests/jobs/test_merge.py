@@ -86,3 +86,42 @@ def test_merge_of_an_unsplit_run_and_of_no_run(tmp_path):
     )
     with pytest.raises(JobError, match="no run directory"):
         merge.check_run(tmp_path / "nothing")
+
+
+def test_a_split_run_into_the_folder_of_an_unsplit_one_is_refused_at_start_with_the_way_out(tmp_path, capsys):
+    """The README's order: the default job, then a 4-shard multirun with the same run folder."""
+    run_shards(tmp_path, [0], 1)
+    run_dir = tmp_path / RUN
+    with pytest.raises(JobError, match="holds an unsplit run") as err:
+        run_shards(tmp_path, [0], 4)
+    assert f"run_dir={run_dir}-4-shards" in str(err.value) and "overwrite=true" in str(err.value)
+    assert not list(run_dir.glob("shard-*")), "refused before writing anything"
+    expected = rows_by_custom_id(run_shards(tmp_path, range(4), 4, "overwrite=true"))
+    assert not (run_dir / MANIFEST_NAME).exists() and not (run_dir / "generations").exists()
+    status, err = merge_status(run_dir, capsys)
+    assert status == 0, err
+    assert rows_by_custom_id(merge.load_run(run_dir).to_list()) == expected
+
+
+def test_an_unsplit_run_into_the_folder_of_a_split_one_is_refused_at_start(tmp_path):
+    run_shards(tmp_path, [0, 1], 2)
+    run_dir = tmp_path / RUN
+    with pytest.raises(JobError, match="holds shard folders of another split") as err:
+        run_shards(tmp_path, [0], 1)
+    assert f"run_dir={run_dir}-single" in str(err.value) and not (run_dir / MANIFEST_NAME).exists()
+    with pytest.raises(JobError, match="shard-00000-of-00002, shard-00001-of-00002"):
+        run_shards(tmp_path, [0], 3)
+    run_shards(tmp_path, [0], 1, "overwrite=true")
+    assert not list(run_dir.glob("shard-*")) and Manifest.load(run_dir / MANIFEST_NAME).complete
+
+
+def test_a_run_that_resumes_or_extends_removes_the_dataset_card_of_an_earlier_merge(tmp_path, capsys):
+    run_shards(tmp_path, range(2), 2)
+    run_dir = tmp_path / RUN
+    assert merge_status(run_dir, capsys)[0] == 0 and (run_dir / merge.CARD_NAME).exists()
+    run_shards(tmp_path, range(2), 2)  # complete: nothing to do, the card still lists every file
+    assert (run_dir / merge.CARD_NAME).exists()
+    run_shards(tmp_path, [0], 2, "data.limit=30")  # extends shard 0: the card would list old files only
+    assert not (run_dir / merge.CARD_NAME).exists()
+    status, err = merge_status(run_dir, capsys)
+    assert status == 2 and "different data.limit values: ['20', '30']" in err, err

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from jobs import report
 from jobs.errors import JobError
+from jobs.pipeline.progress import RunStats
 from jobs.pipeline.writer import write_stream
 from jobs.reporting import plots as report_plots
 from jobs.reporting import report_file
@@ -162,6 +163,23 @@ def test_summary_is_written_without_matplotlib(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "report.json").read_text())["gpu_busy"] == pytest.approx(
         truth["busy"], rel=1e-6
     )
+
+
+@pytest.mark.parametrize("mode,label", [("sync", "device busy"), ("async", "GPU busy")])
+def test_busy_is_called_a_gpus_only_for_async_steps(tmp_path, monkeypatch, mode, label):
+    """Async mode runs only on CUDA; sync steps may be a CPU's (the records do not name the device)."""
+    monkeypatch.setattr(report_plots, "available", lambda: False)
+    rows, _ = simulate(mode, 20)
+    s = report_file.write_report([write_steps(tmp_path / "steps.arrow", rows)], tmp_path, "t")
+    assert s.busy_label == label and f"| {label} | {s.gpu_busy:.1%} |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "device,label", [("cpu", "device busy"), (None, "device busy"), ("cuda", "GPU busy")]
+)
+def test_the_run_summary_says_gpu_busy_only_on_cuda(device, label):
+    line = RunStats(source_rows=2, gpu_busy=0.988, device=device).summary()
+    assert line.endswith(f"| {label} 98.8%") and ("GPU busy" in line) == (device == "cuda")
 
 
 def test_no_step_records_or_other_files_are_refused(tmp_path):

@@ -171,3 +171,40 @@ def test_preempted_shard_commits_is_requeued_and_resumes(tmp_path, models_dir, s
     assert "interrupted: committed" in log and "SIGUSR2, exit status 140" in log
     assert "Requeued job" in log and "attempt 2," in log
     assert all_rows(tmp_path, 2) == single_run
+
+
+def test_failed_tasks_are_each_named_with_their_own_error_in_one_line(tmp_path, models_dir):
+    args = [*multirun_args(tmp_path, models_dir, 2), "data=jsonl", "data.path=/nonexistent/prompts.jsonl"]
+    proc = run_cli(args, timeout=180)
+    err = proc.stderr
+    assert proc.returncode == 1, err
+    assert "2 of 2 tasks failed" in err and "UncompletedJobError" not in err and "Traceback" not in err, err
+    for index in range(2):
+        line = next(ln for ln in err.splitlines() if ln.strip().startswith(f"#{index} ("))
+        assert f"shard.index={index}" in line, line
+        assert line.endswith("error: data.path: no such file or directory: '/nonexistent/prompts.jsonl'"), (
+            line
+        )
+
+
+def test_a_task_error_is_its_last_error_line_or_the_last_line():
+    from hydra_plugins.batchgen_launcher.launchers import task_error
+
+    assert (
+        task_error("noise\nerror: data.path: missing\nmore\n", ValueError("x")) == "error: data.path: missing"
+    )
+    assert task_error("Traceback ...\n  File x\nKeyError: 'a'\n", ValueError("x")) == "KeyError: 'a'"
+    assert (
+        task_error("", RuntimeError("Traceback\n  File y\nZeroDivisionError: boom"))
+        == "ZeroDivisionError: boom"
+    )
+
+
+def test_a_multirun_into_the_folder_of_an_unsplit_run_is_refused_before_submitting(tmp_path, models_dir):
+    """The README's order: the default job, then the split multirun with the same run folder."""
+    first = run_cli([*SETTINGS, "data.limit=2", f"output_root={tmp_path}", f"models_dir={models_dir}"])
+    assert first.returncode == 0, first.stderr
+    proc = run_cli(multirun_args(tmp_path, models_dir, 2))
+    assert proc.returncode == 2 and "holds an unsplit run (manifest.json)" in proc.stderr, proc.stderr
+    assert f"run_dir={tmp_path / RUN}-2-shards" in proc.stderr and "overwrite=true" in proc.stderr
+    assert not list((tmp_path / RUN).glob("shard-*")) and not (tmp_path / RUN / ".submitit").exists()
