@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from .attention import ForwardContext, set_forward_context
 from .io_slots import DeviceStep, IOSlot
 from .sampler import sample
+from .sampler_kernel import fused_sampler_available, sample_fused
 from .step_inputs import MAX_SUPPRESS, StepArrays
 from .streams import Pipeline
 
@@ -128,7 +129,9 @@ class ModelRunner:
             )
         finally:
             set_forward_context(None)
-        tokens, logprobs = sample(out.logits[0], step.sampling, want_logprobs=True)
+        logits = out.logits[0]
+        sampler = sample_fused if self.use_kernels and fused_sampler_available(logits.device) else sample
+        tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
 
