@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from engine.model.attention import ForwardContext, set_forward_context
 from engine.runner.io_slots import DeviceStep, IOSlot
 from engine.runner.sampler import sample
+from engine.runner.sampler_kernel import fused_sampler_available, sample_fused
 from engine.runner.step_layout import MAX_SUPPRESS, StepArrays
 from engine.runner.streams import Pipeline
 
@@ -129,7 +130,9 @@ class ModelRunner:
             )
         finally:
             set_forward_context(None)
-        tokens, logprobs = sample(out.logits[0], step.sampling, want_logprobs=True)
+        logits = out.logits[0]
+        sampler = sample_fused if self.use_kernels and fused_sampler_available(logits.device) else sample
+        tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
 

@@ -58,7 +58,8 @@ def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     scaled = logits / temp[:, None]
     if st.any_top_k_top_p:
         vocab = scaled.shape[-1]
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        # Stable: tied tokens rank by index, on every device (the fused kernel keeps the same order).
+        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         k = torch.where(st.top_k > 0, st.top_k.clamp(max=vocab), torch.full_like(st.top_k, vocab))
         drop = ranks >= k[:, None]
