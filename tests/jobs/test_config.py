@@ -101,7 +101,9 @@ def test_a_key_added_with_plus_is_refused_when_the_schema_lacks_it(override, mes
 
 def test_benchmark_without_a_bench_names_the_choices(capsys):
     assert cli.main(compose_raw(["job=benchmark"])) == cli.EXIT_ERROR
-    assert "choose a benchmark: bench=<w1|w2|w2s|w3|w70b|smoke|job>" in capsys.readouterr().err
+    from bench.workloads import WORKLOADS
+
+    assert f"choose a benchmark: bench=<{'|'.join(WORKLOADS)}|job>" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
