@@ -12,6 +12,7 @@ parallelism each rank builds only its shard of the model (per-parameter random w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import random
 import time
@@ -249,7 +250,10 @@ def run_engine(
 
 
 def main(
-    name: str = "w2", modes: tuple[str, ...] = ("async", "sync"), tensor_parallel_size: int = 1
+    name: str = "w2",
+    modes: tuple[str, ...] = ("async", "sync"),
+    tensor_parallel_size: int = 1,
+    max_num_seqs: int | None = None,
 ) -> list[EngineResult]:
     """Run workload ``name`` in each engine mode and print one line per mode.
 
@@ -257,6 +261,9 @@ def main(
     r), whose ranks build their shards; its start-up time includes that build.
     """
     workload = WORKLOADS[name]
+    if max_num_seqs is not None:  # the same requests at another concurrency
+        workload = dataclasses.replace(workload, engine=workload.engine | {"max_num_seqs": max_num_seqs})
+        name = f"{name}@{max_num_seqs}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     tp = tensor_parallel_size
@@ -286,12 +293,13 @@ def cli(argv: list[str] | None = None) -> list[EngineResult]:
     parser.add_argument("name", nargs="?", default="w2", choices=sorted(WORKLOADS))
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (rank r on GPU r)")
     parser.add_argument("--modes", default="async,sync", help="engine modes, comma-separated")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="override the workload's max_num_seqs")
     args = parser.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     bad = set(modes) - {"async", "sync"}
     if bad or not modes:
         parser.error(f"--modes: use async and/or sync, got {args.modes!r}")
-    return main(args.name, modes, args.tp)
+    return main(args.name, modes, args.tp, args.max_num_seqs)
 
 
 if __name__ == "__main__":
