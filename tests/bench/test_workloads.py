@@ -25,7 +25,9 @@ def test_workloads_cli_takes_w3(monkeypatch):
     seen = []
     monkeypatch.setattr(workloads, "main", lambda *args: seen.append(args) or [])
     cli(["w3", "--modes", "async"])
-    assert seen == [("w3", ("async",), 1)]
+    assert seen == [("w3", ("async",), 1, None)]
+    cli(["w2s", "--max-num-seqs", "512"])
+    assert seen[-1] == ("w2s", ("async", "sync"), 1, 512)
 
 
 def test_transformers_requests_are_the_first_ones_with_their_own_lengths():
