@@ -35,6 +35,7 @@ def fused_sampler_available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    _INVALID = tl.constexpr(INVALID_TOKEN)
     # The reference's noise uses torch.log, which is CUDA's correctly specified logf; the interpreter
     # (CPU tests of the kernel's logic) has no libdevice.
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -331,7 +332,7 @@ if triton is not None:
             lp = tl.load(row_ptr + tok).to(tl.float32) - (m_raw + tl.log(z_raw))
         else:
             lp = 0.0
-        tl.store(Tokens + row, tl.where(finite, tok.to(tl.int64), INVALID_TOKEN))
+        tl.store(Tokens + row, tl.where(finite, tok.to(tl.int64), _INVALID))
         tl.store(Logprobs + row, lp)
 
 
