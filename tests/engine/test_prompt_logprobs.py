@@ -51,7 +51,9 @@ def test_scoring_beside_generation_changes_no_token():
     prompts = random_prompts(8, seed=5)
     plain = [SamplingParams(temperature=0, max_new_tokens=12, logprobs=True) for _ in prompts]
     scored = [
-        SamplingParams(temperature=0, max_new_tokens=12, logprobs=True, prompt_logprobs=i % 3 if i % 2 else None)
+        SamplingParams(
+            temperature=0, max_new_tokens=12, logprobs=True, prompt_logprobs=i % 3 if i % 2 else None
+        )
         for i in range(len(prompts))
     ]
     expected = make_llm("llama", max_batch_tokens=24).generate(prompts, plain)
