@@ -112,6 +112,7 @@ def per_sample(results: dict, task: str) -> list:
 
 
 def test_batchgen_matches_hf_backend_sample_for_sample(tmp_path, models_dir):
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate")
     path = tiny_model.materialise("tiny_chat", models_dir)
     tasks = write_tasks(tmp_path)
     before = torch.get_num_threads()
