@@ -137,6 +137,19 @@ def test_batchgen_matches_hf_backend_sample_for_sample(tmp_path, models_dir):
     assert ours["results"]["bg_mc"]["acc,none"] == theirs["results"]["bg_mc"]["acc,none"]
 
 
+def test_batchgen_lm_eval_registers_the_model_then_runs_lm_evals_command_line(monkeypatch):
+    import lm_eval.__main__
+    from lm_eval.api.registry import get_model
+
+    from lm_eval_batchgen import cli
+
+    called = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: called.append(get_model("batchgen")))
+    cli.main()
+    assert called and called[0].__name__ == "BatchgenLM"
+
+
+@pytest.mark.slow  # about 20 s: lm-eval's command line indexes all of its own tasks at start
 def test_batchgen_lm_eval_command_runs_a_task(tmp_path, models_dir):
     path = tiny_model.materialise("tiny_chat", models_dir)
     write_tasks(tmp_path)
