@@ -90,10 +90,12 @@ class BlockManager:
         """Give a new sequence the cached blocks of its longest cached prefix of full blocks.
 
         The last prompt token is always recomputed (its logits are needed), so a prompt that
-        is entirely cached keeps its last block out of the match.
+        is entirely cached keeps its last block out of the match. A sequence that scores its prompt
+        (``prompt_logprobs``) takes no cached block: it needs the logits of every prompt position,
+        so its whole prompt is computed (its blocks are still published for others).
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return
         bs = self.block_size
         max_blocks = (seq.num_known_tokens - 1) // bs

@@ -171,7 +171,29 @@ class LLMEngine:
     def _complete(self, step: _LaunchedStep) -> list[CompletionOutput]:
         tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
         self._record(step, gpu_start, gpu_end)
+        if step.batch.num_scored:
+            self._store_scores(step.batch, *self.runner.read_scores(step.launched))
         return self._process(step.batch, tokens, logprobs)
+
+    @staticmethod
+    def _store_scores(
+        batch: ScheduledBatch, logprobs: list[float], top_ids: list[list[int]], top_lps: list[list[float]]
+    ) -> None:
+        """Put a step's prompt scores in place (by position: a recomputed chunk writes the same entries)."""
+        row = 0
+        for it in batch.items:
+            p = it.num_scored
+            if not p:
+                continue
+            seq = it.seq
+            seq.prompt_logprobs[it.start : it.start + p] = logprobs[row : row + p]
+            k = seq.params.prompt_logprobs
+            if k:
+                for j in range(p):
+                    seq.prompt_top[it.start + j] = dict(
+                        zip(top_ids[row + j][:k], top_lps[row + j][:k], strict=True)
+                    )
+            row += p
 
     def _process(
         self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]
@@ -182,6 +204,9 @@ class LLMEngine:
             if seq.is_finished:
                 continue  # finished in the step before; this token was computed one step ahead
             seq.num_pending_tokens -= 1
+            if seq.params.max_new_tokens == 0:  # scoring only: the prefill is done, the token unused
+                finished.append(self._finish(seq, "length"))
+                continue
             if token == INVALID_TOKEN:
                 seq.error = (
                     f"the model produced NaN or inf logits at output position {len(seq.output_token_ids)}"
@@ -242,6 +267,8 @@ class LLMEngine:
             finish_reason=reason,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
             error=seq.error,
+            prompt_logprobs=seq.prompt_logprobs,
+            prompt_top_logprobs=seq.prompt_top,
         )
 
     # -- timing -----------------------------------------------------------------------------

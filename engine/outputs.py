@@ -15,6 +15,11 @@ class CompletionOutput:
 
     ``finish_reason`` is ``"stop"`` (EOS, a stop token id or a stop string), ``"length"``
     (max_new_tokens) or ``"error"`` (``error`` says why; the other requests are unaffected).
+
+    With ``SamplingParams.prompt_logprobs``: ``prompt_logprobs[p]`` is the logprob of prompt token
+    ``p + 1`` given the tokens before it (one entry per prompt token after the first), and for
+    k > 0 ``prompt_top_logprobs[p]`` maps the k most likely tokens at that position to their
+    logprobs (most likely first).
     """
 
     request_id: str
@@ -25,6 +30,8 @@ class CompletionOutput:
     finish_reason: str
     logprobs: list[float] | None = None
     error: str | None = None
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass

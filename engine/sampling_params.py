@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+MAX_PROMPT_LOGPROBS = 20
+"""Most top alternatives ``prompt_logprobs`` can ask for each prompt token."""
+
 
 @dataclass
 class SamplingParams:
@@ -13,6 +16,12 @@ class SamplingParams:
     ``temperature == 0`` means greedy decoding. ``top_k <= 0``, ``top_p == 1`` and ``min_p == 0``
     disable those filters. Logprobs, when asked, are those of the model's own distribution
     (log-softmax of the raw logits) for each chosen token.
+
+    ``prompt_logprobs`` scores the prompt: ``None`` (or -1) off; ``0`` the logprob of each prompt
+    token after the first given the tokens before it; ``k`` > 0 also the ``k`` most likely tokens
+    at each of those positions (at most ``MAX_PROMPT_LOGPROBS``). Such a request computes its whole
+    prompt (it takes no blocks from the prefix cache). ``max_new_tokens=0`` (only with
+    ``prompt_logprobs``) scores without generating: the request finishes after its prefill.
     """
 
     n: int = 1
@@ -27,12 +36,15 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.prompt_logprobs == -1:
+            self.prompt_logprobs = None
         problems = []
         if not isinstance(self.n, int) or self.n < 1:
             problems.append(f"n must be an integer >= 1, got {self.n!r}")
@@ -46,8 +58,20 @@ class SamplingParams:
             problems.append(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             problems.append(f"seed must be an integer or None, got {self.seed!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        scoring = self.prompt_logprobs is not None
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int)
+            or isinstance(self.prompt_logprobs, bool)
+            or not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS
+        ):
+            problems.append(
+                f"prompt_logprobs must be None, -1 (off) or an integer in [0, {MAX_PROMPT_LOGPROBS}], "
+                f"got {self.prompt_logprobs!r}"
+            )
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < (0 if scoring else 1):
+            problems.append(
+                f"max_new_tokens must be an integer >= 1 (>= 0 with prompt_logprobs), got {self.max_new_tokens!r}"
+            )
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
         elif isinstance(self.max_new_tokens, int) and self.min_new_tokens > self.max_new_tokens:

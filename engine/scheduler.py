@@ -11,12 +11,14 @@ from engine.sequence import SeqStatus, Sequence
 
 @dataclass(slots=True)
 class ScheduledSeq:
-    """``num_new_tokens`` tokens of ``seq`` starting at position ``start``; ``sample``: emits a token."""
+    """``num_new_tokens`` tokens of ``seq`` starting at position ``start``; ``sample``: emits a token;
+    ``num_scored``: its first tokens whose logits score the next prompt token (``prompt_logprobs``)."""
 
     seq: Sequence
     start: int
     num_new_tokens: int
     sample: bool
+    num_scored: int = 0
 
 
 @dataclass
@@ -28,6 +30,8 @@ class ScheduledBatch:
     """The items that emit a token, in input order: one row each of the step's sampled outputs."""
     preempted: list[Sequence] = field(default_factory=list)
     num_tokens: int = 0
+    num_scored: int = 0
+    """Prompt positions scored by this step (``prompt_logprobs``), over all items."""
     decode_tokens: int = 0
     """Tokens that decode (one new token after the prompt); the rest are prefill (or recompute)."""
 
@@ -72,6 +76,8 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.popleft()
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.params.max_new_tokens == 0 and seq.num_computed_tokens >= seq.prompt_len:
+                want = 0  # scoring only: it finishes when its prefill's outputs are processed
             if want <= 0:
                 # Every token is in flight already (the async loop runs one step ahead).
                 kept.append(seq)
@@ -145,7 +151,11 @@ class Scheduler:
         if end // self.blocks.block_size > seq.num_hashed_blocks:
             self.blocks.register_full_blocks(seq)
         sample = end == seq.num_tokens
-        item = ScheduledSeq(seq, start, n, sample)
+        scored = 0
+        if seq.params.prompt_logprobs is not None:
+            scored = max(0, min(end, seq.prompt_len - 1) - start)
+            batch.num_scored += scored
+        item = ScheduledSeq(seq, start, n, sample, scored)
         batch.items.append(item)
         if sample:
             seq.num_pending_tokens += 1

@@ -44,10 +44,19 @@ class Sequence:
     text: str = ""
     detok_prefix_offset: int = 0
     detok_read_offset: int = 0
+    prompt_logprobs: list[float] | None = None
+    """With ``params.prompt_logprobs``: entry ``p`` is the logprob of prompt token ``p + 1``."""
+    prompt_top: list[dict[int, float]] | None = None
+    """With ``params.prompt_logprobs`` = k > 0: the top k (token id -> logprob) at each position."""
     prompt_len: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_token_ids)
+        k = self.params.prompt_logprobs
+        if k is not None:
+            self.prompt_logprobs = [0.0] * (self.prompt_len - 1)
+            if k > 0:
+                self.prompt_top = [{} for _ in range(self.prompt_len - 1)]
 
     @property
     def num_tokens(self) -> int:

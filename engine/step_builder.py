@@ -56,6 +56,17 @@ def build_step_arrays(batch: ScheduledBatch, block_size: int, prev_rows: dict[in
             forbid = sorted(seq.stop_ids)
             suppress[r, :] = forbid[0]
             suppress[r, : len(forbid)] = forbid
+    score_indices = np.zeros(batch.num_scored, dtype=np.int64)
+    score_targets = np.zeros(batch.num_scored, dtype=np.int64)
+    score_top_k, pos = 0, 0
+    if batch.num_scored:
+        for i, it in enumerate(items):
+            p = it.num_scored
+            if p:
+                score_indices[pos : pos + p] = np.arange(cu[i], cu[i] + p)
+                score_targets[pos : pos + p] = it.seq.prompt_token_ids[it.start + 1 : it.start + 1 + p]
+                score_top_k = max(score_top_k, it.seq.params.prompt_logprobs)
+                pos += p
     params = [it.seq.params for it in rows]
     temperature = np.array([p.temperature for p in params], dtype=np.float32)
     sampling = temperature > 0
@@ -84,4 +95,7 @@ def build_step_arrays(batch: ScheduledBatch, block_size: int, prev_rows: dict[in
         any_sampling=bool(sampling.any()),
         any_top_k_top_p=bool((sampling & ((top_k > 0) | (top_p < 1))).any()),
         any_min_p=bool((sampling & (min_p > 0)).any()),
+        score_indices=score_indices,
+        score_targets=score_targets,
+        score_top_k=score_top_k,
     )

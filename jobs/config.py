@@ -45,7 +45,9 @@ class DataConfig:
 
     ``path`` is a hub id or local path (``hf``), or a file, directory or glob (the others).
     ``id_column`` unset means the row index is the id. ``limit`` keeps the first rows of the source
-    (before sharding), for trial runs.
+    (before sharding), for trial runs. ``context_column`` and ``continuations_column`` are read by
+    the score job only: the context (``prompt_column`` when unset) and its continuations (a list of
+    texts, or one text); without a continuations column the score job scores the whole text.
     """
 
     name: str = MISSING
@@ -59,6 +61,8 @@ class DataConfig:
     id_column: str | None = None
     limit: int | None = None
     read_batch_rows: int = 1024
+    context_column: str | None = None
+    continuations_column: str | None = None
 
 
 @dataclass
@@ -84,6 +88,19 @@ class GenerationJobConfig:
     name: str = MISSING
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class ScoreJobConfig:
+    """A job that scores each source row's continuations given its context (or its whole text).
+
+    ``prompt`` turns the context into the model's input as for generation (raw text by default);
+    ``top_logprobs`` > 0 also stores, per continuation token, that many most likely tokens.
+    """
+
+    name: str = "score"
+    prompt: PromptConfig = field(default_factory=lambda: PromptConfig(chat_template=False))
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -204,6 +221,7 @@ def store_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_config_schema", node=RunConfig)
     cs.store(group="job", name="generation_schema", node=GenerationJobConfig)
+    cs.store(group="job", name="score_schema", node=ScoreJobConfig)
     cs.store(group="job", name="benchmark_schema", node=BenchmarkJobConfig)
     cs.store(group="job", name="report_schema", node=ReportJobConfig)
     cs.store(group="bench", name="bench_schema", node=BenchConfig)

@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,30 @@ from jobs.pipeline.row_keys import CommittedRows
 from jobs.pipeline.shards import check_layout, resolve_shard, shard_map, shard_path
 from jobs.pipeline.signals import StopSignal
 from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
-from jobs.pipeline.writer import OutputSink
+from jobs.pipeline.writer import ROW_SCHEMA, OutputSink
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[RunConfig], Any]
+
+
+@dataclass(frozen=True)
+class RowKind:
+    """What a job makes of each source row: the columns it reads, the requests, the loop and the row schema.
+
+    Generation (the default) and the score job share everything else: checks at start, resume,
+    shards, the writer and the summary."""
+
+    columns: Callable[[RunConfig], list[str]]
+    builder: Callable[[RunConfig, SamplingParams, Any], PromptBuilder]
+    loop: Callable[..., GenerationLoop] = GenerationLoop
+    schema: Any = ROW_SCHEMA
+
+
+GENERATION = RowKind(
+    columns=lambda cfg: input_columns(cfg.job.prompt, cfg.data),
+    builder=lambda cfg, params, tokenizer: PromptBuilder(cfg.job.prompt, cfg.data, params, tokenizer),
+)
 EMPTY_MODEL = "model.model is not set: add model.model=<a hub id or a local checkpoint folder>"
 CONFIG_NAME = "config.yaml"  # the resolved config of the latest start that passed the checks
 
@@ -76,14 +96,18 @@ def load_engine(cfg: RunConfig) -> Any:
 
 
 def run_generation(
-    cfg: RunConfig, params: SamplingParams | None = None, make_engine: EngineFactory = load_engine
+    cfg: RunConfig,
+    params: SamplingParams | None = None,
+    make_engine: EngineFactory = load_engine,
+    kind: RowKind = GENERATION,
 ) -> RunStats:
-    """Generate ``params.n`` rows per source row into ``output_dir(cfg)``, resuming what is committed there."""
+    """Generate ``params.n`` rows per source row into ``output_dir(cfg)``, resuming what is committed there
+    (or, with another ``kind``, that job's rows)."""
     params = params or cfg.job.sampling
     if not (cfg.model.builtin or cfg.model.model):
         raise JobError(EMPTY_MODEL)  # before anything is written
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
-    columns = input_columns(cfg.job.prompt, cfg.data)
+    columns = kind.columns(cfg)
     source = open_source(cfg.data, columns)
     if source.num_rows() == 0:
         raise JobError(f"{source.description} has no rows")
@@ -102,7 +126,7 @@ def run_generation(
     with run_lock(out_dir):
         if cfg.overwrite:
             check_layout(cfg.run_dir, cfg.shard.count, overwrite=True)
-        return _generate(cfg, params, make_engine, source, out_dir, fp, rows_map)
+        return _generate(cfg, params, make_engine, source, out_dir, fp, rows_map, kind)
 
 
 def _generate(
@@ -113,6 +137,7 @@ def _generate(
     out_dir: Path,
     fp: dict[str, Any],
     rows_map: dict[str, Any],
+    kind: RowKind,
 ) -> RunStats:
     """Open (or resume) ``out_dir`` and run the engine over the rows not committed yet; the caller holds the lock."""
     digest = config_hash(fp)
@@ -124,8 +149,8 @@ def _generate(
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
     engine = make_engine(cfg)
-    builder = PromptBuilder(cfg.job.prompt, cfg.data, params, engine.tokenizer)
-    sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds)
+    builder = kind.builder(cfg, params, engine.tokenizer)
+    sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds, kind.schema)
     log.info(
         "%s: writing %s (shard.index=%d shard.count=%d, attempt %d, %d rows already committed; pid %d on %s)",
         cfg.job.name,
@@ -147,7 +172,7 @@ def _generate(
     )
     with StopSignal() as stop:
         try:
-            GenerationLoop(
+            kind.loop(
                 engine,
                 requests,
                 sink,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from jobs.config import GenerationJobConfig, RunConfig, ShardConfig
+from jobs.config import GenerationJobConfig, RunConfig, ScoreJobConfig, ShardConfig
 from jobs.errors import JobError
 from jobs.pipeline.manifest import MANIFEST_NAME, Manifest
 from jobs.pipeline.shards import SHARD_DIR_RE, check_layout, shard_path, slurm_shard
@@ -116,7 +116,7 @@ def workers(cfg: RunConfig, env: Mapping[str, str] | None = None) -> int:
 
 def _check(cfg: RunConfig, count: int, env: Mapping[str, str]) -> None:
     """JobError if ``cfg`` cannot be split into ``count`` workers in its run directory."""
-    if not isinstance(cfg.job, GenerationJobConfig):
+    if not isinstance(cfg.job, GenerationJobConfig | ScoreJobConfig):
         raise JobError(f"data_parallel applies to generation jobs, not job={cfg.job.name}")
     if cfg.shard.index is not None or cfg.shard.count is not None or slurm_shard(env) is not None:
         raise JobError(

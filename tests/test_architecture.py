@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "jobs", "bench", "launch", "hydra_plugins")
+PACKAGES = ("engine", "jobs", "bench", "launch", "hydra_plugins", "lm_eval_batchgen")
 
 LAYERS: list[tuple[str, int]] = [
     # (module, or package ending in ".*" for everything below it; the most specific entry wins), rank
@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, int]] = [
     ("jobs.*", 15),  # the job entry points
     ("run", 16),
     ("hydra_plugins.*", 16),
+    ("lm_eval_batchgen.*", 16),  # the lm-evaluation-harness model: over the engine only
 ]
 """A module may import only modules of its own rank or lower."""
 

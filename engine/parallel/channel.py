@@ -35,16 +35,16 @@ def pack(a: StepArrays) -> tuple[list[int], np.ndarray]:
 
 def unpack(header: list[int], payload: np.ndarray) -> StepArrays:
     """The step that ``pack`` packed; its arrays are views of ``payload``."""
-    t, s, r, width = header[:4]
-    flags = dict(zip(FLAGS, header[4 : 4 + len(FLAGS)], strict=True))
+    t, s, r, width, scores = header[:5]
+    flags = dict(zip(FLAGS, header[5 : 5 + len(FLAGS)], strict=True))
     out: dict = {}
     pos = 0
-    for f, n in field_lengths(INT_FIELDS, t, s, r, width):
+    for f, n in field_lengths(INT_FIELDS, t, s, r, width, scores):
         out[f.name], pos = payload[pos : pos + n], pos + n
     out["suppress"] = out["suppress"].reshape(r, MAX_SUPPRESS)
     out["block_tables"] = out["block_tables"].reshape(s, width)
     floats = payload[pos:].view(np.float32)
-    for f, n in field_lengths(FLOAT_FIELDS, t, s, r, width):
+    for f, n in field_lengths(FLOAT_FIELDS, t, s, r, width, scores):
         out[f.name], floats = floats[:n], floats[n:]
     for name in ("any_sampling", "any_top_k_top_p", "any_min_p"):
         flags[name] = bool(flags[name])
@@ -88,7 +88,7 @@ class StepChannel:
             return None
         if header[0] != _STEP:
             raise RuntimeError(f"tensor parallel: unknown message kind {header[0]} from rank {self.src}")
-        fields = header[1 : 6 + len(FLAGS)]
+        fields = header[1 : 7 + len(FLAGS)]  # 5 sizes, the flags, the payload length
         n = fields[-1]
         if n > len(self.buffer):
             self.buffer = torch.zeros(max(n, 2 * len(self.buffer)), dtype=torch.int64)

@@ -26,3 +26,6 @@ class TPModelRunner:
 
     def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
         return self.runner.collect(launched)
+
+    def read_scores(self, launched: Launched) -> tuple[list[float], list[list[int]], list[list[float]]]:
+        return self.runner.read_scores(launched)

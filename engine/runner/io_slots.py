@@ -2,8 +2,9 @@
 
 The engine alternates two slots, so preparing step N+1 never touches buffers that step N's
 transfer or compute still reads. All integer inputs live in one buffer and all float inputs
-in another (one host-to-device copy each); the block tables come last, so a step copies only
-the rows it uses. Buffer addresses never change, which is what CUDA graphs need.
+in another (one host-to-device copy each); the block tables come after the per-step fields, so a
+step copies only the rows it uses, and the prompt-scoring fields after them are copied only by a
+step that scores. Buffer addresses never change, which is what CUDA graphs need.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import torch
 
 from engine.model.attention import AttentionMetadata
 from engine.runner.sampler import SamplingTensors
-from engine.runner.step_layout import FLOAT_FIELDS, INT_FIELDS, MAX_SUPPRESS, StepArrays, offsets
+from engine.runner.step_layout import (
+    FLOAT_FIELDS,
+    INT_FIELDS,
+    MAX_PROMPT_LOGPROBS,
+    MAX_SUPPRESS,
+    SCORE_FIELDS,
+    StepArrays,
+    offsets,
+)
 
 _TOKEN_FIELDS = [f.name for f in INT_FIELDS if f.per == "token"]
 _ROW_FIELDS = [f.name for f in INT_FIELDS if f.per == "row" and f.width == 1]
@@ -32,6 +41,20 @@ class DeviceStep:
     sampling: SamplingTensors
     tokens_out: torch.Tensor
     logprobs_out: torch.Tensor
+    score: ScoreStep | None = None
+    """The step's scored prompt positions; None when it scores none (every graph step)."""
+
+
+@dataclass
+class ScoreStep:
+    """Device views for the prompt positions a step scores: inputs and outputs."""
+
+    indices: torch.Tensor  # int64 [P]: rows of the step's tokens whose logits are kept
+    targets: torch.Tensor  # int64 [P]: the token each is scored against
+    top_k: int  # alternatives per position (the step's largest ask)
+    logprobs_out: torch.Tensor  # float32 [P]
+    top_ids_out: torch.Tensor  # int64 [P, top_k]
+    top_logprobs_out: torch.Tensor  # float32 [P, top_k]
 
 
 class IOSlot:
@@ -41,7 +64,7 @@ class IOSlot:
         self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device, pipeline
     ):
         self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
-        self.offsets = offsets(INT_FIELDS, max_tokens, max_seqs, max_seqs, max_blocks_per_seq)
+        self.offsets = offsets(INT_FIELDS, max_tokens, max_seqs, max_seqs, max_blocks_per_seq, max_tokens)
         self.float_offsets = offsets(FLOAT_FIELDS, max_tokens, max_seqs, max_seqs, max_blocks_per_seq)
         total = self.offsets["end"]
         pin = device.type == "cuda"
@@ -53,12 +76,21 @@ class IOSlot:
         self.dev_logprobs = torch.zeros(max_seqs, dtype=torch.float32, device=device)
         self.host_tokens = torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin)
         self.host_logprobs = torch.zeros(max_seqs, dtype=torch.float32, pin_memory=pin)
+        # Prompt scoring outputs: at most one scored position per token of a step.
+        top = max_tokens * MAX_PROMPT_LOGPROBS
+        self.dev_score_logprobs = torch.zeros(max_tokens, dtype=torch.float32, device=device)
+        self.dev_score_top_ids = torch.zeros(top, dtype=torch.int64, device=device)
+        self.dev_score_top_logprobs = torch.zeros(top, dtype=torch.float32, device=device)
+        self.host_score_logprobs = torch.zeros(max_tokens, dtype=torch.float32, pin_memory=pin)
+        self.host_score_top_ids = torch.zeros(top, dtype=torch.int64, pin_memory=pin)
+        self.host_score_top_logprobs = torch.zeros(top, dtype=torch.float32, pin_memory=pin)
         self._int_np, self._float_np = self.host_int.numpy(), self.host_float.numpy()
         self.h2d_done = pipeline.event()
         self.compute_start = pipeline.event(timing=True)
         self.compute_done = pipeline.event(timing=True)
         self.d2h_done = pipeline.event()
         self._copy_len = 0
+        self._score_copy = (0, 0)
 
     def load(self, a: StepArrays, num_tokens: int, num_seqs: int, num_rows: int) -> None:
         """Write ``a`` into the host buffers, padded to ``num_tokens`` tokens, ``num_seqs`` sequences
@@ -101,15 +133,43 @@ class IOSlot:
                 1.0 if f.name == "top_p" else 0.0,
             )
         self._copy_len = off["block_tables"] + num_seqs * self.width
+        p = a.num_scored
+        for name in SCORE_FIELDS:
+            ints[off[name] : off[name] + p] = getattr(a, name)
+        first = off[SCORE_FIELDS[0]]
+        self._score_copy = (first, off[SCORE_FIELDS[-1]] + p) if p else (first, first)
 
     def copy_to_device(self) -> None:
         n = self._copy_len
         self.dev_int[:n].copy_(self.host_int[:n], non_blocking=True)
         self.dev_float.copy_(self.host_float, non_blocking=True)
+        lo, hi = self._score_copy
+        if hi > lo:
+            self.dev_int[lo:hi].copy_(self.host_int[lo:hi], non_blocking=True)
 
-    def copy_to_host(self, num_sampled: int) -> None:
+    def copy_to_host(self, num_sampled: int, num_scored: int = 0, score_top_k: int = 0) -> None:
         self.host_tokens[:num_sampled].copy_(self.dev_tokens[:num_sampled], non_blocking=True)
         self.host_logprobs[:num_sampled].copy_(self.dev_logprobs[:num_sampled], non_blocking=True)
+        if num_scored:
+            self.host_score_logprobs[:num_scored].copy_(
+                self.dev_score_logprobs[:num_scored], non_blocking=True
+            )
+            top = num_scored * score_top_k
+            if top:
+                self.host_score_top_ids[:top].copy_(self.dev_score_top_ids[:top], non_blocking=True)
+                self.host_score_top_logprobs[:top].copy_(self.dev_score_top_logprobs[:top], non_blocking=True)
+
+    def read_scores(
+        self, num_scored: int, score_top_k: int
+    ) -> tuple[list[float], list[list[int]], list[list[float]]]:
+        """The host copies of a step's scores: logprob of each scored token, then the top ids and logprobs."""
+        lps = self.host_score_logprobs[:num_scored].tolist()
+        top = num_scored * score_top_k
+        if not top:
+            return lps, [], []
+        ids = self.host_score_top_ids[:top].view(num_scored, score_top_k).tolist()
+        top_lps = self.host_score_top_logprobs[:top].view(num_scored, score_top_k).tolist()
+        return lps, ids, top_lps
 
     def view(self, name: str, n: int) -> torch.Tensor:
         """The first ``n`` entries of an integer field in the device buffer."""
@@ -154,4 +214,15 @@ class IOSlot:
             sampling=sampling,
             tokens_out=self.dev_tokens[:num_rows],
             logprobs_out=self.dev_logprobs[:num_rows],
+            score=None if graph or not a.num_scored else self._score_step(a.num_scored, a.score_top_k),
+        )
+
+    def _score_step(self, p: int, k: int) -> ScoreStep:
+        return ScoreStep(
+            indices=self.view("score_indices", p),
+            targets=self.view("score_targets", p),
+            top_k=k,
+            logprobs_out=self.dev_score_logprobs[:p],
+            top_ids_out=self.dev_score_top_ids[: p * k].view(p, k),
+            top_logprobs_out=self.dev_score_top_logprobs[: p * k].view(p, k),
         )

@@ -5,7 +5,10 @@ waits for that step's outputs (a blocking event) and reads them. Every step, dec
 mixed with prefill chunks, of up to the largest captured size replays a CUDA graph captured per
 slot, padded token count and sampling flags (the paged-attention kernel takes any mix of
 sequences at a fixed token count), all graphs in one shared memory pool; larger steps, and every
-step on CPU or with ``cuda_graphs`` off, run eagerly.
+step on CPU or with ``cuda_graphs`` off, run eagerly. A step that scores prompt positions
+(``SamplingParams.prompt_logprobs``) also runs eagerly: it keeps the logits of those positions
+besides the sampling rows' and writes their logprobs to the slot's scoring outputs. Steps that
+score nothing are unchanged (same graphs, same copies).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from transformers import PreTrainedModel
 
 from engine.model.attention import ForwardContext, set_forward_context
 from engine.runner.io_slots import DeviceStep, IOSlot
-from engine.runner.sampler import sample
+from engine.runner.sampler import sample, score_tokens
 from engine.runner.sampler_kernel import fused_sampler_available, sample_fused
 from engine.runner.step_layout import MAX_SUPPRESS, StepArrays
 from engine.runner.streams import Pipeline
@@ -32,6 +35,8 @@ class Launched:
     num_rows: int
     inline_compute_s: float = 0.0
     """Time the forward pass took inside ``launch`` (on CPU it runs there; on CUDA it is only enqueued)."""
+    num_scored: int = 0
+    score_top_k: int = 0
 
 
 def graph_token_sizes(max_tokens: int) -> list[int]:
@@ -77,7 +82,7 @@ class ModelRunner:
         index = self._next_slot
         self._next_slot ^= 1
         slot, prev = self.slots[index], self.slots[index ^ 1]
-        padded = self._graph_size(a)
+        padded = 0 if a.num_scored else self._graph_size(a)
         sizes = self._padded_sizes(padded) if padded else (a.num_tokens, a.num_seqs, a.num_sampled)
         slot.h2d_done.synchronize()  # this slot's host buffers are free once their last copy is done
         slot.load(a, *sizes)
@@ -100,9 +105,9 @@ class ModelRunner:
         inline = 0.0 if pipe.cuda else slot.compute_start.elapsed_time(slot.compute_done) / 1000
         with pipe.on(pipe.d2h):
             pipe.d2h.wait_event(slot.compute_done)
-            slot.copy_to_host(a.num_sampled)
+            slot.copy_to_host(a.num_sampled, a.num_scored, a.score_top_k)
             slot.d2h_done.record()
-        return Launched(index, a.num_sampled, inline)
+        return Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k)
 
     def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
         """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""
@@ -113,6 +118,11 @@ class ModelRunner:
         end = self.t0.elapsed_time(slot.compute_done)
         return slot.host_tokens[:n].tolist(), slot.host_logprobs[:n].tolist(), start, end
 
+    def read_scores(self, launched: Launched) -> tuple[list[float], list[list[int]], list[list[float]]]:
+        """A collected step's prompt scores: the logprob of each scored position's target token, and
+        (``score_top_k`` > 0) the top token ids and their logprobs per position."""
+        return self.slots[launched.slot].read_scores(launched.num_scored, launched.score_top_k)
+
     # -- compute ------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
@@ -120,17 +130,25 @@ class ModelRunner:
         # (An invalid token of a failing request becomes 0: its step is discarded, the model must not see -1.)
         carried = prev_tokens[step.carry.clamp(min=0)].clamp(min=0)
         input_ids = torch.where(step.carry >= 0, carried, step.input_ids)
+        score = step.score
+        keep = step.logits_indices if score is None else torch.cat([step.logits_indices, score.indices])
         set_forward_context(ForwardContext(step.metadata, self.kv_caches, self.use_kernels))
         try:
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=step.metadata.positions[None],
-                logits_to_keep=step.logits_indices,
+                logits_to_keep=keep,
                 use_cache=False,
             )
         finally:
             set_forward_context(None)
         logits = out.logits[0]
+        if score is not None:
+            rows = step.logits_indices.shape[0]
+            score_tokens(
+                logits[rows:], score.targets, score.logprobs_out, score.top_ids_out, score.top_logprobs_out
+            )
+            logits = logits[:rows]
         sampler = sample_fused if self.use_kernels and fused_sampler_available(logits.device) else sample
         tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)

@@ -101,3 +101,28 @@ def sample(
     # A row whose logits hold NaN or inf gets INVALID_TOKEN: that request fails, the others go on.
     tokens = torch.where(torch.isfinite(raw).all(dim=-1), tokens, INVALID_TOKEN)
     return tokens, logprobs
+
+
+SCORE_CHUNK_ROWS = 256
+"""Scored positions per log-softmax: bounds the float32 copy of the kept logits."""
+
+
+def score_tokens(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logprobs_out: torch.Tensor,
+    top_ids_out: torch.Tensor,
+    top_logprobs_out: torch.Tensor,
+) -> None:
+    """Log-probability of each row's target token under the row's logits (log-softmax of the raw
+    logits, as for sampled tokens), and the ``top_ids_out.shape[1]`` most likely tokens per row
+    (descending; the order of tied tokens is unspecified)."""
+    k = top_ids_out.shape[1]
+    for lo in range(0, logits.shape[0], SCORE_CHUNK_ROWS):
+        hi = min(lo + SCORE_CHUNK_ROWS, logits.shape[0])
+        lsm = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+        logprobs_out[lo:hi] = lsm.gather(1, targets[lo:hi, None]).squeeze(1)
+        if k:
+            values, ids = lsm.topk(k, dim=-1)
+            top_logprobs_out[lo:hi] = values
+            top_ids_out[lo:hi] = ids

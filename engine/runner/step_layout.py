@@ -2,16 +2,22 @@
 
 The I/O slots (``io_slots``), the tensor-parallel step channel (``engine.parallel.channel``) and
 the model runner all place the arrays by this layout: integer fields back to back in one int64
-buffer (block tables last, so a step copies only the rows it uses), float fields in one float32
-buffer.
+buffer (block tables after the per-step fields, so a step copies only the rows it uses, then the
+prompt-scoring fields, copied only by a step that scores), float fields in one float32 buffer.
+
+Prompt scoring (``SamplingParams.prompt_logprobs``): a step lists the token positions whose logits
+it keeps besides the sampling rows (``score_indices``, into the step's tokens) and the token each
+of them is scored against (``score_targets``: the next prompt token).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from engine.sampling_params import MAX_PROMPT_LOGPROBS  # noqa: F401 (re-exported: the scoring buffers' width)
 
 MAX_SUPPRESS = 16
 """Most token ids one request can forbid before min_new_tokens (its EOS and stop ids)."""
@@ -22,7 +28,7 @@ class Field:
     """A packed field: ``per`` says what it has one entry (or ``width`` entries) per."""
 
     name: str
-    per: str  # "token", "seq" or "row" (a sampling row)
+    per: str  # "token", "seq", "row" (a sampling row) or "score" (a scored prompt position)
     width: int | str = 1  # entries per token/seq/row; "blocks" = the block-table width
 
 
@@ -40,27 +46,33 @@ INT_FIELDS = (
     Field("sample_pos", "row"),
     Field("suppress", "row", MAX_SUPPRESS),
     Field("block_tables", "seq", "blocks"),
+    Field("score_indices", "score"),
+    Field("score_targets", "score"),
 )
-"""The int64 buffer's fields, in order (block tables last)."""
+"""The int64 buffer's fields, in order (block tables, then the scoring fields, last)."""
+SCORE_FIELDS = ("score_indices", "score_targets")
+"""The fields after the block tables: only a step that scores copies them."""
 FLOAT_FIELDS = (Field("temperature", "row"), Field("top_p", "row"), Field("min_p", "row"))
 """The float32 buffer's fields, in order."""
-FLAGS = ("max_query_len", "max_context_len", "any_sampling", "any_top_k_top_p", "any_min_p")
+FLAGS = ("max_query_len", "max_context_len", "any_sampling", "any_top_k_top_p", "any_min_p", "score_top_k")
 """Scalars of a step (not in the buffers)."""
 
 
 def field_lengths(
-    fields: tuple[Field, ...], tokens: int, seqs: int, rows: int, blocks: int
+    fields: tuple[Field, ...], tokens: int, seqs: int, rows: int, blocks: int, scores: int = 0
 ) -> Iterator[tuple[Field, int]]:
     """Each field with its number of entries for the given sizes."""
-    count = {"token": tokens, "seq": seqs, "row": rows}
+    count = {"token": tokens, "seq": seqs, "row": rows, "score": scores}
     for f in fields:
         yield f, count[f.per] * (blocks if f.width == "blocks" else int(f.width))
 
 
-def offsets(fields: tuple[Field, ...], tokens: int, seqs: int, rows: int, blocks: int) -> dict[str, int]:
+def offsets(
+    fields: tuple[Field, ...], tokens: int, seqs: int, rows: int, blocks: int, scores: int = 0
+) -> dict[str, int]:
     """Each field's start in a buffer sized for up to these counts; ``"end"`` is the total."""
     out, pos = {}, 0
-    for f, n in field_lengths(fields, tokens, seqs, rows, blocks):
+    for f, n in field_lengths(fields, tokens, seqs, rows, blocks, scores):
         out[f.name], pos = pos, pos + n
     out["end"] = pos
     return out
@@ -69,7 +81,9 @@ def offsets(fields: tuple[Field, ...], tokens: int, seqs: int, rows: int, blocks
 @dataclass
 class StepArrays:
     """Host-side inputs of one step. Token arrays have ``num_tokens`` entries, sequence arrays
-    ``num_seqs``, sampling arrays ``num_sampled`` (the sequences that emit a token, in order)."""
+    ``num_seqs``, sampling arrays ``num_sampled`` (the sequences that emit a token, in order),
+    scoring arrays ``num_scored`` (the prompt positions scored, in order; empty in most steps).
+    ``score_top_k`` is the most top alternatives a scored position of this step asks for."""
 
     input_ids: np.ndarray
     carry: np.ndarray
@@ -92,6 +106,9 @@ class StepArrays:
     any_sampling: bool
     any_top_k_top_p: bool
     any_min_p: bool
+    score_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    score_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    score_top_k: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +123,10 @@ class StepArrays:
         return len(self.logits_indices)
 
     @property
-    def sizes(self) -> tuple[int, int, int, int]:
-        """(tokens, sequences, sampling rows, block-table width)."""
-        return self.num_tokens, self.num_seqs, self.num_sampled, self.block_tables.shape[1]
+    def num_scored(self) -> int:
+        return len(self.score_indices)
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int, int]:
+        """(tokens, sequences, sampling rows, block-table width, scored positions): ``field_lengths``' order."""
+        return self.num_tokens, self.num_seqs, self.num_sampled, self.block_tables.shape[1], self.num_scored

@@ -21,10 +21,16 @@ def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
     else:
         model = {"model": m.model, "tokenizer": m.tokenizer, "revision": m.revision}
     d = cfg.data
+    sampling = dataclasses.asdict(params)
+    if sampling["prompt_logprobs"] is None:  # unset: the fingerprint of runs made before the field existed
+        del sampling["prompt_logprobs"]
+    # The score job's settings, only when set: other jobs keep the fingerprints they had before these existed.
+    scoring = {"context_column": d.context_column, "continuations_column": d.continuations_column}
+    extra = {"top_logprobs": cfg.job.top_logprobs} if hasattr(cfg.job, "top_logprobs") else {}
     return {
         "job": cfg.job.name,
         "prompt": dataclasses.asdict(cfg.job.prompt),
-        "sampling": dataclasses.asdict(params),
+        "sampling": sampling,
         "model": model | {"dtype": m.dtype},
         "data": {
             "format": d.format.value,
@@ -34,6 +40,7 @@ def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
             "prompt_column": d.prompt_column,
             "messages_column": d.messages_column,
             "id_column": d.id_column,
-        },
+        }
+        | {k: v for k, v in scoring.items() if v is not None},
         "engine_seed": cfg.engine.seed,
-    }
+    } | extra

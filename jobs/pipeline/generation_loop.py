@@ -89,17 +89,25 @@ class GenerationLoop:
             spec = next(self.requests, None)
             if spec is None:
                 return True
-            if spec.error is None:
-                try:
-                    self.engine.add_request(spec.id, spec.token_ids, spec.params)
-                except RequestError as e:
-                    spec.error = str(e)
-                else:
-                    self._in_flight[spec.id] = _PendingRequest(spec, [None] * spec.params.n, spec.params.n)
-                    continue
-            self._finish(spec, error_rows(spec, spec.error, self.digest))
+            if spec.error is None and self._submit(spec):
+                continue
+            self._finish(spec, self._error_rows(spec))
             self.sink.maybe_commit()
         return False
+
+    # -- what a request is to the engine, and the rows it becomes (the score job's loop overrides these)
+    def _submit(self, spec: RequestSpec) -> bool:
+        """Add ``spec`` to the engine; False (with ``spec.error`` set) when the engine refuses it."""
+        try:
+            self.engine.add_request(spec.id, spec.token_ids, spec.params)
+        except RequestError as e:
+            spec.error = str(e)
+            return False
+        self._in_flight[spec.id] = _PendingRequest(spec, [None] * spec.params.n, spec.params.n)
+        return True
+
+    def _error_rows(self, spec: RequestSpec) -> list[dict[str, Any]]:
+        return error_rows(spec, spec.error, self.digest)
 
     def _collect(self, out: CompletionOutput) -> None:
         entry = self._in_flight[out.request_id]

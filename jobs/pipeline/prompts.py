@@ -31,6 +31,8 @@ class RequestSpec:
     token_ids: list[int] | None = None
     error: str | None = None
     duplicate_of: int | None = None  # the source row that has this id first (this row is then an error)
+    continuations: list[str] | None = None  # the score job: texts scored after the prompt
+    continuation_ids: list[list[int]] | None = None  # and their token ids
 
 
 def template_fields(template: str) -> list[str]:

@@ -21,8 +21,12 @@ from jobs.pipeline.manifest import GENERATIONS_DIR, STEPS_DIR, ChunkEntry, Manif
 from jobs.pipeline.prompts import RequestSpec
 from jobs.pipeline.row_keys import custom_id
 
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-SAMPLING_TYPE = pa.struct(arrow_struct_fields(SamplingParams))
+UNSTORED_SAMPLING_FIELDS = ("prompt_logprobs",)
+"""Sampling fields the generation rows do not store (the score job's; the row schema predates them)."""
+SAMPLING_FIELDS = tuple(
+    f.name for f in dataclasses.fields(SamplingParams) if f.name not in UNSTORED_SAMPLING_FIELDS
+)
+SAMPLING_TYPE = pa.struct([f for f in arrow_struct_fields(SamplingParams) if f[0] in SAMPLING_FIELDS])
 
 ROW_SCHEMA = pa.schema(
     [
@@ -100,22 +104,24 @@ def _base_row(spec: RequestSpec, digest: str) -> dict[str, Any]:
     }
 
 
-def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """The rows as a table of ``ROW_SCHEMA``; a row that does not fit the schema becomes an error row (never a crash)."""
+def rows_table(rows: list[dict[str, Any]], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
+    """The rows as a table of ``schema``; a row that does not fit the schema becomes an error row (never a crash)."""
     try:
-        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        return pa.Table.from_pylist([_storable(r) for r in rows], schema=ROW_SCHEMA)
+        return pa.Table.from_pylist([_storable(r, schema) for r in rows], schema=schema)
 
 
-def _storable(row: dict[str, Any]) -> dict[str, Any]:
+def _storable(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
     try:
-        pa.Table.from_pylist([row], schema=ROW_SCHEMA)
+        pa.Table.from_pylist([row], schema=schema)
         return row
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
         keep = {k: row[k] for k in ("custom_id", "id", "sample_index", "row_index", "config_hash")}
-        error = f"row cannot be stored: {type(e).__name__}: {e}"
-        return dict.fromkeys(ROW_SCHEMA.names) | keep | {"finish_reason": "error", "error": error}
+        error = {"error": f"row cannot be stored: {type(e).__name__}: {e}"}
+        if "finish_reason" in schema.names:
+            error["finish_reason"] = "error"
+        return dict.fromkeys(schema.names) | keep | error
 
 
 def write_stream(path: Path, table: pa.Table) -> None:
@@ -138,7 +144,15 @@ class OutputSink:
     the one in flight, then commits what is left, in the caller's thread.
     """
 
-    def __init__(self, out_dir: Path, manifest: Manifest, every_rows: int, every_seconds: float) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        manifest: Manifest,
+        every_rows: int,
+        every_seconds: float,
+        schema: pa.Schema = ROW_SCHEMA,
+    ) -> None:
+        self.schema = schema
         self.gen_dir = out_dir / GENERATIONS_DIR
         self.steps_dir = out_dir / STEPS_DIR
         self.manifest = manifest
@@ -206,7 +220,7 @@ class OutputSink:
         try:
             if rows:
                 name = f"chunk-{seq:06d}.arrow"
-                write_stream(self.gen_dir / name, rows_table(rows))
+                write_stream(self.gen_dir / name, rows_table(rows, self.schema))
                 self.manifest.chunks.append(ChunkEntry(name, len(rows), sources))
             if steps:
                 name = f"steps-{seq:06d}.arrow"

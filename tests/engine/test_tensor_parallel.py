@@ -123,9 +123,12 @@ def test_step_inputs_travel_intact():
 
     scheduler = Scheduler(BlockManager(64, 8, True), 48, 8)
     for i, n in enumerate([30, 3, 12]):
-        params = SamplingParams(temperature=0.5 * i, top_p=0.9, min_new_tokens=2, max_new_tokens=5)
+        params = SamplingParams(
+            temperature=0.5 * i, top_p=0.9, min_new_tokens=2, max_new_tokens=5, prompt_logprobs=2 * i - 1
+        )  # the second and third score their prompts
         scheduler.add(Sequence(i, str(i), 0, list(range(3, 3 + n)), params, 100 + i, frozenset({2, 9})))
     a = build_step_arrays(scheduler.schedule(), 8, {})
+    assert a.num_scored == 2 + 11 and a.score_top_k == 3
     fields, payload = pack(a)
     b = unpack(fields, payload.copy())
     for name, value in vars(a).items():

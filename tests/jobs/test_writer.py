@@ -13,7 +13,7 @@ from jobs.distill import run as run_distill
 from jobs.generate import output_dir
 from jobs.pipeline.atomic import commit_file
 from jobs.pipeline.manifest import read_stream
-from jobs.pipeline.writer import ROW_SCHEMA, SAMPLING_TYPE
+from jobs.pipeline.writer import ROW_SCHEMA, SAMPLING_TYPE, UNSTORED_SAMPLING_FIELDS
 from jobs_helpers import compose_config, fake_factory
 
 
@@ -30,7 +30,11 @@ def test_failed_commit_leaves_neither_the_file_nor_a_temporary(tmp_path):
 
 
 def test_sampling_column_covers_every_sampling_parameter():
-    assert [f.name for f in SAMPLING_TYPE] == [f.name for f in dataclasses.fields(SamplingParams)]
+    # prompt_logprobs (the score job's) is left out: the generation row schema is the one it was before.
+    assert UNSTORED_SAMPLING_FIELDS == ("prompt_logprobs",)
+    assert [f.name for f in SAMPLING_TYPE] == [
+        f.name for f in dataclasses.fields(SamplingParams) if f.name not in UNSTORED_SAMPLING_FIELDS
+    ]
 
 
 def test_distill_output_loads_with_datasets_and_pyarrow(tmp_path):

@@ -1,0 +1,3 @@
+from lm_eval_batchgen.cli import main
+
+main()
