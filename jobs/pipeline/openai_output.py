@@ -114,9 +114,9 @@ class OpenAIBatchOutput:
                     (output if name == OUTPUT_NAME else errors).write(line)
                     counts[name] += 1
 
-            commit_file(out_dir / OUTPUT_NAME, write_output)
+            commit_file(out_dir / OUTPUT_NAME, write_output, kind="openai")
 
-        commit_file(out_dir / ERRORS_NAME, write_both)
+        commit_file(out_dir / ERRORS_NAME, write_both, kind="openai")
         self.counts = counts
         log.info(
             "wrote %d responses to %s and %d errors to %s",
