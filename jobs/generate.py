@@ -29,7 +29,14 @@ from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, che
 from jobs.pipeline.row_keys import CommittedRows
 from jobs.pipeline.shards import check_layout, resolve_shard, shard_map, shard_path
 from jobs.pipeline.signals import StopSignal
-from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
+from jobs.pipeline.sources import (
+    CHAT_TEMPLATE_KWARGS_COLUMN,
+    Source,
+    SourceRow,
+    open_source,
+    select_rows,
+    selected_count,
+)
 from jobs.pipeline.writer import OutputSink
 
 log = logging.getLogger(__name__)
@@ -107,7 +114,8 @@ def run_generation(
         raise JobError(EMPTY_MODEL)  # before anything is written
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
     columns = input_columns(cfg.job.prompt, cfg.data)
-    source = open_source(cfg.data, columns)
+    optional = [] if CHAT_TEMPLATE_KWARGS_COLUMN in columns else [CHAT_TEMPLATE_KWARGS_COLUMN]
+    source = open_source(cfg.data, columns + optional)  # a row's own template arguments, where it has them
     if source.num_rows() == 0:
         raise JobError(f"{source.description} has no rows")
     check_columns(columns, source.columns(), source.description)

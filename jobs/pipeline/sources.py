@@ -116,8 +116,10 @@ class HFSource:
         if cfg.streaming and isinstance(ds, datasets.Dataset):
             ds = ds.to_iterable_dataset()  # memory-mapped already; iterate it as a stream too
         self._columns = ds.column_names
-        if columns is not None and self._columns is not None and set(columns) <= set(self._columns):
-            ds = ds.select_columns(columns)
+        if columns is not None and self._columns is not None:
+            ds = ds.select_columns(
+                [c for c in columns if c in self._columns]
+            )  # a missing one is refused later
         self._ds = ds
         self._name = f"{cfg.path}:{cfg.config_name or ''}:{cfg.split}"
 
@@ -171,7 +173,7 @@ class ParquetSource:
             self._columns = names if self._columns is None else [c for c in self._columns if c in names]
             self._total += meta.num_rows
             for c in columns or ():
-                if c not in names:
+                if c not in names and c != CHAT_TEMPLATE_KWARGS_COLUMN:  # optional: where a file has it
                     lacking.setdefault(c, []).append(f)
         for c, files in lacking.items():
             if len(files) < len(self._files):
