@@ -203,6 +203,9 @@ class LLMEngine:
             seq = it.seq
             if seq.is_finished:
                 continue  # finished in the step before; this token was computed one step ahead
+            if seq.discard_pending:
+                seq.discard_pending -= 1  # sampled after a token that forced tokens now follow
+                continue
             seq.num_pending_tokens -= 1
             if seq.params.max_new_tokens == 0:  # scoring only: the prefill is done, the token unused
                 finished.append(self._finish(seq, "length"))
@@ -218,6 +221,8 @@ class LLMEngine:
                 seq.output_logprobs.append(lp)
             try:
                 reason = self._stop_reason(seq, token)
+                if reason is None and seq.params.think_end_ids and not seq.think_closed:
+                    reason = self._think_budget(seq)
             except Exception as exc:  # one request's failure must not stop the others
                 seq.error = f"{type(exc).__name__}: {exc}"
                 reason = "error"
@@ -241,6 +246,32 @@ class LLMEngine:
                     seq.finish_reason = "stop_string"
                     return "stop"
         if n_out >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _think_budget(self, seq: Sequence) -> str | None:
+        """Close the thinking span: seen the end marker, or force it once ``max_think_tokens`` tokens are out.
+
+        The forced ids become known output tokens, so the next step feeds them (with the last sampled
+        token) and samples the answer's first token after them. In the async loop the next step is
+        already sampling a token after the last one: that sample is dropped when it arrives.
+        """
+        params, out = seq.params, seq.output_token_ids
+        end = params.think_end_ids
+        if len(out) >= len(end) and out[-len(end) :] == end:
+            seq.think_closed = True
+            return None
+        if params.max_think_tokens is None or len(out) < params.max_think_tokens:
+            return None
+        seq.think_closed = True
+        seq.discard_pending += seq.num_pending_tokens
+        seq.num_pending_tokens = 0
+        room = min(params.max_new_tokens - len(out), self.max_model_len - seq.num_tokens)
+        forced = end[: max(0, room)]
+        out.extend(forced)
+        if params.logprobs:
+            seq.output_logprobs.extend([0.0] * len(forced))
+        if len(out) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 

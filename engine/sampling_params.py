@@ -22,6 +22,12 @@ class SamplingParams:
     at each of those positions (at most ``MAX_PROMPT_LOGPROBS``). Such a request computes its whole
     prompt (it takes no blocks from the prefix cache). ``max_new_tokens=0`` (only with
     ``prompt_logprobs``) scores without generating: the request finishes after its prefill.
+
+    Reasoning budget: with ``max_think_tokens`` set, a sample that has generated that many tokens
+    without ending with ``think_end_ids`` (the end-of-thinking marker's token ids) gets those ids
+    appended as known tokens (logprob 0.0 each when logprobs are asked), and generation goes on
+    after them for the answer. They count towards ``max_new_tokens``. The marker is detected by its
+    token ids, not by the text.
     """
 
     n: int = 1
@@ -37,6 +43,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     prompt_logprobs: int | None = None
+    think_end_ids: list[int] = field(default_factory=list)
+    max_think_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,6 +53,7 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if self.prompt_logprobs == -1:
             self.prompt_logprobs = None
+        self.think_end_ids = [int(t) for t in self.think_end_ids]
         problems = []
         if not isinstance(self.n, int) or self.n < 1:
             problems.append(f"n must be an integer >= 1, got {self.n!r}")
@@ -82,6 +91,17 @@ class SamplingParams:
             problems.append(f"stop strings must be non-empty strings, got {self.stop!r}")
         if any(t < 0 for t in self.stop_token_ids):
             problems.append(f"stop_token_ids must be >= 0, got {self.stop_token_ids!r}")
+        if self.max_think_tokens is not None:
+            if not isinstance(self.max_think_tokens, int) or self.max_think_tokens < 1:
+                problems.append(
+                    f"max_think_tokens must be an integer >= 1 or None, got {self.max_think_tokens!r}"
+                )
+            elif not self.think_end_ids:
+                problems.append(
+                    "max_think_tokens needs think_end_ids (the end-of-thinking marker's token ids)"
+                )
+        if any(t < 0 for t in self.think_end_ids):
+            problems.append(f"think_end_ids must be >= 0, got {self.think_end_ids!r}")
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
 

@@ -21,6 +21,9 @@ class Sequence:
     ``num_computed_tokens`` counts tokens whose KV is in the cache, including those of a step
     that is scheduled but not finished yet: the scheduler advances it when it schedules a step.
     ``num_pending_tokens`` counts sampled tokens not yet known on the host (the async loop).
+    ``discard_pending`` counts in-flight samples to drop when they arrive: after a forced
+    end-of-thinking marker (``SamplingParams.max_think_tokens``), the token the async loop was
+    already sampling after the last known one no longer follows the sequence.
     """
 
     seq_id: int
@@ -34,6 +37,8 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_pending_tokens: int = 0
+    discard_pending: int = 0
+    think_closed: bool = False
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
     last_block_hash: bytes | None = None

@@ -22,7 +22,7 @@ from launch.requeue import hand_over
 
 log = logging.getLogger(__name__)
 
-JOBS = ("synthetic_data", "distill", "score", "benchmark", "report", "merge")
+JOBS = ("synthetic_data", "distill", "score", "openai_batch", "benchmark", "report", "merge")
 EXIT_ERROR = 2
 # What to pass for a required value left unset (``???`` in conf/; model=hf's model.model keeps the schema's
 # empty default, which the generation job refuses itself).

@@ -73,12 +73,32 @@ class PromptConfig:
     ``chat_template`` a text prompt becomes a user message (after ``system``, when set) rendered with
     the tokenizer's chat template; without it the text goes to the model as is. A trailing assistant
     message in chat input is dropped (it is what the job regenerates) when ``drop_trailing_assistant``.
+    ``chat_template_kwargs`` are passed to the tokenizer's ``apply_chat_template`` (e.g.
+    ``{enable_thinking: true}``); a row's own ``chat_template_kwargs`` field (a mapping, or its JSON
+    text) is merged over them.
     """
 
     template: str | None = None
     system: str | None = None
     chat_template: bool = True
     drop_trailing_assistant: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReasoningConfig:
+    """Reasoning models: the thinking span between ``start`` and ``end`` (the markers, as text).
+
+    With ``split`` the thinking goes to the ``reasoning`` column and ``completion`` keeps the answer
+    after ``end``. ``max_tokens`` (implies ``split``): after that many generated tokens without the
+    end marker, the marker's tokens are forced and generation goes on for the answer (not applied to
+    a prompt whose chat template closed the thinking already, i.e. that ends with ``end``).
+    """
+
+    split: bool = False
+    start: str = "<think>"
+    end: str = "</think>"
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -88,6 +108,20 @@ class GenerationJobConfig:
     name: str = MISSING
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
+
+
+@dataclass
+class OpenAIBatchJobConfig(GenerationJobConfig):
+    """An OpenAI batch input file in, ``output.jsonl`` and ``errors.jsonl`` in OpenAI's batch output format out.
+
+    ``served_model_name`` is the ``model`` of every response body (default: ``model.name``). A
+    request whose ``body.model`` is not the served name nor in ``accept_models`` is an error line;
+    ``"*"`` in ``accept_models`` accepts any (a request without ``model`` is always accepted).
+    """
+
+    served_model_name: str | None = None
+    accept_models: list[str] = field(default_factory=lambda: ["*"])
 
 
 @dataclass
@@ -222,6 +256,7 @@ def store_schemas() -> None:
     cs.store(name="run_config_schema", node=RunConfig)
     cs.store(group="job", name="generation_schema", node=GenerationJobConfig)
     cs.store(group="job", name="score_schema", node=ScoreJobConfig)
+    cs.store(group="job", name="openai_batch_schema", node=OpenAIBatchJobConfig)
     cs.store(group="job", name="benchmark_schema", node=BenchmarkJobConfig)
     cs.store(group="job", name="report_schema", node=ReportJobConfig)
     cs.store(group="bench", name="bench_schema", node=BenchConfig)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 
@@ -19,7 +19,7 @@ from engine.sampling_params import SamplingParams
 from jobs import tiny_model
 from jobs.config import RunConfig
 from jobs.errors import Interrupted, JobError
-from jobs.pipeline.atomic import commit_file
+from jobs.pipeline.atomic import commit_file, fsync_dir
 from jobs.pipeline.fingerprint import fingerprint
 from jobs.pipeline.generation_loop import GenerationLoop
 from jobs.pipeline.lock import run_lock
@@ -30,7 +30,14 @@ from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, che
 from jobs.pipeline.row_keys import CommittedRows
 from jobs.pipeline.shards import check_layout, resolve_shard, shard_map, shard_path
 from jobs.pipeline.signals import StopSignal
-from jobs.pipeline.sources import Source, SourceRow, open_source, select_rows, selected_count
+from jobs.pipeline.sources import (
+    CHAT_TEMPLATE_KWARGS_COLUMN,
+    Source,
+    SourceRow,
+    open_source,
+    select_rows,
+    selected_count,
+)
 from jobs.pipeline.writer import ROW_SCHEMA, OutputSink
 
 log = logging.getLogger(__name__)
@@ -53,8 +60,26 @@ class RowKind:
 
 GENERATION = RowKind(
     columns=lambda cfg: input_columns(cfg.job.prompt, cfg.data),
-    builder=lambda cfg, params, tokenizer: PromptBuilder(cfg.job.prompt, cfg.data, params, tokenizer),
+    builder=lambda cfg, params, tokenizer: PromptBuilder(
+        cfg.job.prompt, cfg.data, params, tokenizer, getattr(cfg.job, "reasoning", None)
+    ),
 )
+
+
+RowCheck = Callable[[SourceRow], str | None]
+"""A job's own check of a source row: the error that makes it an error row, or None."""
+
+
+class FinalStep(Protocol):
+    """Files a job derives from the committed rows once the run is complete (written under the run's lock)."""
+
+    files: tuple[str, ...]
+    """Their names in the output folder: removed when a run starts generating (they would be stale)."""
+
+    def write(self, out_dir: Path) -> None:
+        """Write the files from the complete run in ``out_dir``."""
+
+
 EMPTY_MODEL = "model.model is not set: add model.model=<a hub id or a local checkpoint folder>"
 CONFIG_NAME = "config.yaml"  # the resolved config of the latest start that passed the checks
 
@@ -100,15 +125,23 @@ def run_generation(
     params: SamplingParams | None = None,
     make_engine: EngineFactory = load_engine,
     kind: RowKind = GENERATION,
+    *,
+    check_row: RowCheck | None = None,
+    final_step: FinalStep | None = None,
 ) -> RunStats:
     """Generate ``params.n`` rows per source row into ``output_dir(cfg)``, resuming what is committed there
-    (or, with another ``kind``, that job's rows)."""
+    (or, with another ``kind``, that job's rows).
+
+    ``check_row`` turns rows the job refuses into error rows; ``final_step`` writes its files once the
+    run is complete (also when it was complete already: a re-run rewrites them).
+    """
     params = params or cfg.job.sampling
     if not (cfg.model.builtin or cfg.model.model):
         raise JobError(EMPTY_MODEL)  # before anything is written
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
     columns = kind.columns(cfg)
-    source = open_source(cfg.data, columns)
+    optional = [] if CHAT_TEMPLATE_KWARGS_COLUMN in columns else [CHAT_TEMPLATE_KWARGS_COLUMN]
+    source = open_source(cfg.data, columns + optional)  # a row's own template arguments, where it has them
     if source.num_rows() == 0:
         raise JobError(f"{source.description} has no rows")
     check_columns(columns, source.columns(), source.description)
@@ -119,6 +152,9 @@ def run_generation(
     done = None if cfg.overwrite else finished_run(out_dir, digest, rows_map, cfg.data.limit)
     if done is not None:
         log.info("%s: %s is complete (%d rows); nothing to do", cfg.job.name, out_dir, done.rows)
+        if final_step is not None:
+            with run_lock(out_dir):
+                final_step.write(out_dir)
         return RunStats(skipped_rows=done.sources, complete=True)
     check_first_rows(select_rows(source, cfg.data.limit, cfg.shard), cfg.data, source.description)
     if not cfg.overwrite:
@@ -126,7 +162,7 @@ def run_generation(
     with run_lock(out_dir):
         if cfg.overwrite:
             check_layout(cfg.run_dir, cfg.shard.count, overwrite=True)
-        return _generate(cfg, params, make_engine, source, out_dir, fp, rows_map, kind)
+        return _generate(cfg, params, make_engine, source, out_dir, fp, rows_map, kind, check_row, final_step)
 
 
 def _generate(
@@ -138,6 +174,8 @@ def _generate(
     fp: dict[str, Any],
     rows_map: dict[str, Any],
     kind: RowKind,
+    check_row: RowCheck | None = None,
+    final_step: FinalStep | None = None,
 ) -> RunStats:
     """Open (or resume) ``out_dir`` and run the engine over the rows not committed yet; the caller holds the lock."""
     digest = config_hash(fp)
@@ -146,6 +184,10 @@ def _generate(
     if card.exists():  # it lists the files of the run as it was; this run changes them
         card.unlink(missing_ok=True)
         log.warning("removed %s (written by job=merge): run job=merge again once the run is complete", card)
+    if final_step is not None and any((out_dir / name).exists() for name in final_step.files):
+        for name in final_step.files:  # from an earlier completion (a lower data.limit, overwrite=true)
+            (out_dir / name).unlink(missing_ok=True)
+        fsync_dir(out_dir)
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
     engine = make_engine(cfg)
@@ -168,7 +210,8 @@ def _generate(
     start = time.monotonic()
     rows = select_rows(source, cfg.data.limit, cfg.shard)
     requests = Prefetcher(
-        _requests(rows, builder, state.done, stats, progress, cfg.data.id_column is not None), max_in_flight
+        _requests(rows, builder, state.done, stats, progress, cfg.data.id_column is not None, check_row),
+        max_in_flight,
     )
     with StopSignal() as stop:
         try:
@@ -192,6 +235,8 @@ def _generate(
     if stats.complete:
         state.manifest.complete = True
         state.manifest.save()
+        if final_step is not None:
+            final_step.write(out_dir)
     log.info("%s: %s", cfg.job.name, stats.summary())
     if stop.signum is not None:
         raise Interrupted(
@@ -208,6 +253,7 @@ def _requests(
     stats: RunStats,
     progress: Progress,
     check_ids: bool,
+    check_row: RowCheck | None = None,
 ) -> Iterator[RequestSpec]:
     """Requests for the rows not committed yet (committed ones are counted and skipped).
 
@@ -233,4 +279,6 @@ def _requests(
             stats.skipped_rows += 1
             progress.advance(1)
             continue
+        if check_row is not None and row.error is None:
+            row.error = check_row(row)
         yield builder.build(row, row_id)

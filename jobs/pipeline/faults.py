@@ -4,7 +4,8 @@ Off unless ``BATCHGEN_FAULTS`` is set (only the tests set it). The value is a co
 ``<point>:<action>[@<n>|@<n>+]``:
 
 - points: ``chunk-write``, ``chunk-rename`` (Arrow chunks and step files), ``manifest-write``,
-  ``manifest-rename``; ``-write`` is after the data is written and before the fsync, ``-rename``
+  ``manifest-rename``, ``openai-write``, ``openai-rename`` (job=openai_batch's output.jsonl, then
+  errors.jsonl); ``-write`` is after the data is written and before the fsync, ``-rename``
   just before the temporary file is renamed into place.
 - actions: ``sleep=<seconds>``, ``enospc`` (raise ``OSError(ENOSPC)``, as a full disk does),
   ``signal=<NAME>`` (``KILL``, ``TERM``, ``INT``... sent to this process).
@@ -22,7 +23,7 @@ import signal
 import time
 
 ENV = "BATCHGEN_FAULTS"
-POINTS = ("chunk-write", "chunk-rename", "manifest-write", "manifest-rename")
+POINTS = ("chunk-write", "chunk-rename", "manifest-write", "manifest-rename")  # of every generation job
 _hits: dict[str, int] = {}
 
 

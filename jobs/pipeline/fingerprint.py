@@ -31,6 +31,8 @@ def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
         "job": cfg.job.name,
         "prompt": dataclasses.asdict(cfg.job.prompt),
         "sampling": sampling,
+        "reasoning": dataclasses.asdict(cfg.job.reasoning) if hasattr(cfg.job, "reasoning") else None,
+        "accept_models": list(getattr(cfg.job, "accept_models", None) or []),
         "model": model | {"dtype": m.dtype},
         "data": {
             "format": d.format.value,

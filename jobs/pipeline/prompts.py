@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 import string
 from collections.abc import Iterable
@@ -12,11 +13,11 @@ from typing import Any
 
 from engine.sampling_params import SamplingParams
 from engine.tokenization import validate_messages
-from jobs.config import DataConfig, PromptConfig, SourceFormat
+from jobs.config import DataConfig, PromptConfig, ReasoningConfig, SourceFormat
 from jobs.errors import JobError
 from jobs.pipeline.field_types import field_types
 from jobs.pipeline.row_keys import duplicate_error
-from jobs.pipeline.sources import SourceRow
+from jobs.pipeline.sources import CHAT_TEMPLATE_KWARGS_COLUMN, COMPLETIONS_URL, SourceRow
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class RequestSpec:
     duplicate_of: int | None = None  # the source row that has this id first (this row is then an error)
     continuations: list[str] | None = None  # the score job: texts scored after the prompt
     continuation_ids: list[list[int]] | None = None  # and their token ids
+    reasoning: tuple[str, str] | None = None  # (start, end) markers: split the thinking from the answer
 
 
 def template_fields(template: str) -> list[str]:
@@ -78,12 +80,23 @@ class PromptBuilder:
     """Turns source rows into ``RequestSpec``s with the tokenizer (and its chat template)."""
 
     def __init__(
-        self, prompt: PromptConfig, data: DataConfig, params: SamplingParams, tokenizer: Any
+        self,
+        prompt: PromptConfig,
+        data: DataConfig,
+        params: SamplingParams,
+        tokenizer: Any,
+        reasoning: ReasoningConfig | None = None,
     ) -> None:
         self.cfg = prompt
         self.data = data
         self.params = params
         self.tokenizer = tokenizer
+        self.reasoning = reasoning if reasoning and (reasoning.split or reasoning.max_tokens) else None
+        self._end_ids: list[int] = []
+        if self.reasoning is not None and self.reasoning.max_tokens is not None:
+            self._end_ids = list(tokenizer.encode(self.reasoning.end, add_special_tokens=False))
+            if not self._end_ids:
+                raise JobError(f"job.reasoning.end {self.reasoning.end!r} encodes to no tokens")
         uses_chat = prompt.chat_template or (data.messages_column is not None and prompt.template is None)
         if uses_chat and not getattr(tokenizer, "chat_template", None):
             raise JobError(
@@ -132,15 +145,45 @@ class PromptBuilder:
                 spec.error = str(e)
             except Exception as e:  # a chat template may raise anything (jinja errors, KeyError, ...)
                 spec.error = f"cannot render the chat template: {type(e).__name__}: {e}"
+        if spec.error is None and self.reasoning is not None:
+            self._reasoning(spec, split=row.data.get("endpoint") != COMPLETIONS_URL)
         return spec
 
+    def _reasoning(self, spec: RequestSpec, split: bool) -> None:
+        """Markers to split the completion at (not for raw completions requests, whose text is kept whole);
+        the thinking budget unless the prompt closed the thinking."""
+        r = self.reasoning
+        spec.reasoning = (r.start, r.end) if split else None
+        closed = spec.prompt is not None and spec.prompt.rstrip().endswith(r.end)
+        if r.max_tokens is not None and not closed:
+            spec.params = dataclasses.replace(
+                spec.params, think_end_ids=self._end_ids, max_think_tokens=r.max_tokens
+            )
+
+    def _template_kwargs(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The job's ``chat_template_kwargs`` with the row's own (a mapping, or its JSON text) over them."""
+        own = data.get(CHAT_TEMPLATE_KWARGS_COLUMN)
+        if isinstance(own, str):
+            try:
+                own = json.loads(own)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"chat_template_kwargs is not JSON: {e}") from None
+        if own is not None and not isinstance(own, dict):
+            raise ValueError(f"chat_template_kwargs must be a mapping, got {type(own).__name__}")
+        return dict(self.cfg.chat_template_kwargs) | (own or {})
+
     def _fill_prompt(self, spec: RequestSpec, data: dict[str, Any]) -> None:
+        completions = data.get("endpoint") == COMPLETIONS_URL  # an OpenAI /v1/completions request: raw text
         messages = data.get(self.data.messages_column) if self.data.messages_column else None
-        if self.cfg.template is None and messages is not None:
+        if self.cfg.template is None and messages is not None and not completions:
             spec.messages = self._checked_messages(messages)
         else:
+            if completions and self.cfg.template is None:
+                data = data | {self.data.prompt_column or "prompt": self._completion_prompt(spec, data)}
+                if spec.token_ids is not None:
+                    return
             text = self._text(data)
-            if not self.cfg.chat_template:
+            if not self.cfg.chat_template or completions:
                 spec.prompt = text
                 spec.token_ids = self.tokenizer.encode(text, add_special_tokens=True)
                 return
@@ -148,9 +191,21 @@ class PromptBuilder:
         if self.cfg.system is not None and spec.messages[0]["role"] != "system":
             spec.messages.insert(0, {"role": "system", "content": self.cfg.system})
         spec.prompt = self.tokenizer.apply_chat_template(
-            spec.messages, tokenize=False, add_generation_prompt=True
+            spec.messages, tokenize=False, add_generation_prompt=True, **self._template_kwargs(data)
         )
         spec.token_ids = self.tokenizer.encode(spec.prompt, add_special_tokens=False)
+
+    def _completion_prompt(self, spec: RequestSpec, data: dict[str, Any]) -> Any:
+        """A completions request's prompt: text (or a list of one text), or token ids (set on ``spec``)."""
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ValueError("prompt must be a text or a list of token ids (one prompt per request)")
+            spec.token_ids = list(prompt)
+            spec.prompt = self.tokenizer.decode(prompt)
+        return prompt
 
     def _text(self, data: dict[str, Any]) -> str:
         if self.cfg.template is not None:

@@ -116,8 +116,10 @@ class HFSource:
         if cfg.streaming and isinstance(ds, datasets.Dataset):
             ds = ds.to_iterable_dataset()  # memory-mapped already; iterate it as a stream too
         self._columns = ds.column_names
-        if columns is not None and self._columns is not None and set(columns) <= set(self._columns):
-            ds = ds.select_columns(columns)
+        if columns is not None and self._columns is not None:
+            ds = ds.select_columns(
+                [c for c in columns if c in self._columns]
+            )  # a missing one is refused later
         self._ds = ds
         self._name = f"{cfg.path}:{cfg.config_name or ''}:{cfg.split}"
 
@@ -171,7 +173,7 @@ class ParquetSource:
             self._columns = names if self._columns is None else [c for c in self._columns if c in names]
             self._total += meta.num_rows
             for c in columns or ():
-                if c not in names:
+                if c not in names and c != CHAT_TEMPLATE_KWARGS_COLUMN:  # optional: where a file has it
                     lacking.setdefault(c, []).append(f)
         for c, files in lacking.items():
             if len(files) < len(self._files):
@@ -305,38 +307,84 @@ OPENAI_IGNORED_FIELDS = {
     "stream_options",
     "metadata",
     "store",
+    "chat_template_kwargs",
+    "top_logprobs",  # alternatives are not computed: each token's top_logprobs is an empty list
 }
+# Fields accepted only with the value that asks for nothing (the default).
+OPENAI_NEUTRAL_FIELDS = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "echo": False,
+    "logit_bias": {},
+    "suffix": "",
+}
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+OPENAI_URLS = (CHAT_URL, COMPLETIONS_URL)
+# Row fields of an OpenAI batch source (and the optional per-row template arguments of any source).
+OPENAI_COLUMNS = ["custom_id", "messages", "prompt", "endpoint", "model", "chat_template_kwargs"]
+CHAT_TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"
 
 
 class OpenAIBatchSource(JsonlSource):
     """An OpenAI batch input file: ``{"custom_id", "method", "url", "body": {messages | prompt, sampling...}}``.
 
-    Rows come out as ``{"custom_id", "messages", "prompt"}`` with the body's sampling fields as
-    per-row overrides; a body field the engine cannot honour makes that row an error.
+    Rows come out as ``{"custom_id", "messages", "prompt", "endpoint", "model", "chat_template_kwargs"}``
+    with the body's sampling fields as per-row overrides. ``url`` is ``/v1/chat/completions`` (the body
+    has ``messages``) or ``/v1/completions`` (``prompt``: raw text, no chat template); without a url the
+    body decides. Another url, a method other than POST, or a body field the engine cannot honour makes
+    that row an error.
     """
 
     def columns(self) -> list[str] | None:
         """The normalised columns."""
-        return ["custom_id", "messages", "prompt"]
+        return list(OPENAI_COLUMNS)
 
     def _parse(self, index: int, line: bytes, where: str) -> SourceRow:
         row = super()._parse(index, line, where)
         if row.error is not None:
             return row
         rec = row.data
-        data = {"custom_id": rec.get("custom_id"), "messages": None, "prompt": None}
+        data: dict[str, Any] = dict.fromkeys(OPENAI_COLUMNS) | {"custom_id": rec.get("custom_id")}
         body = rec.get("body")
         if not isinstance(body, dict):
             return SourceRow(index, data, error=f"request at {where} has no 'body' object")
-        data["messages"] = body.get("messages")
-        data["prompt"] = body.get("prompt")
+        url = rec.get("url")
+        if url is None:
+            url = CHAT_URL if "messages" in body else COMPLETIONS_URL
+        data["endpoint"] = url if isinstance(url, str) else None
+        if url not in OPENAI_URLS:
+            return SourceRow(
+                index, data, error=f"unsupported url {url!r} at {where} (supported: {', '.join(OPENAI_URLS)})"
+            )
+        method = rec.get("method", "POST")
+        if method != "POST":
+            return SourceRow(index, data, error=f"unsupported method {method!r} at {where} (POST only)")
+        chat = url == CHAT_URL
+        data["messages"] = body.get("messages") if chat else None
+        data["prompt"] = None if chat else body.get("prompt")
+        data["model"] = body.get("model")
+        data["chat_template_kwargs"] = body.get("chat_template_kwargs")
+        if chat and data["messages"] is None:
+            return SourceRow(index, data, error=f"{url} request at {where} has no 'messages'")
+        if not chat and data["prompt"] is None:
+            return SourceRow(index, data, error=f"{url} request at {where} has no 'prompt'")
         overrides: dict[str, Any] = {}
         for key, value in body.items():
             if key in OPENAI_IGNORED_FIELDS or value is None:
                 continue
+            if key in OPENAI_NEUTRAL_FIELDS:
+                if value != OPENAI_NEUTRAL_FIELDS[key]:
+                    return SourceRow(
+                        index, data, error=f"unsupported request field {key}={value!r} at {where}"
+                    )
+                continue
+            if key == "best_of" and value in (1, body.get("n", 1)):
+                continue
             if key not in OPENAI_SAMPLING_FIELDS:
                 return SourceRow(index, data, error=f"unsupported request field {key!r} at {where}")
             if key == "logprobs":
-                value = bool(value)
+                # chat: a boolean; completions: the number of alternatives (0 still returns the chosen tokens')
+                value = bool(value) if chat or isinstance(value, bool) else isinstance(value, int)
             overrides[OPENAI_SAMPLING_FIELDS[key]] = value
         return SourceRow(index, data, sampling=overrides)

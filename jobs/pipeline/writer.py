@@ -19,6 +19,7 @@ from jobs.pipeline.atomic import commit_file
 from jobs.pipeline.field_types import arrow_struct_fields
 from jobs.pipeline.manifest import GENERATIONS_DIR, STEPS_DIR, ChunkEntry, Manifest
 from jobs.pipeline.prompts import RequestSpec
+from jobs.pipeline.reasoning import split_reasoning
 from jobs.pipeline.row_keys import custom_id
 
 UNSTORED_SAMPLING_FIELDS = ("prompt_logprobs",)
@@ -37,6 +38,7 @@ ROW_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("messages", pa.string()),
         ("completion", pa.string()),
+        ("reasoning", pa.string()),
         ("token_ids", pa.list_(pa.int32())),
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int32()),
@@ -54,14 +56,14 @@ MAX_PENDING_STEPS = 10_000  # step records buffered at most between commits
 
 
 def output_rows(spec: RequestSpec, outputs: list[CompletionOutput], digest: str) -> list[dict[str, Any]]:
-    """One row per finished sample of a request."""
+    """One row per finished sample of a request (the thinking split from the answer when the request asks)."""
     base = _base_row(spec, digest)
     return [
         base
+        | _texts(spec, out.text)
         | {
             "custom_id": custom_id(spec.id, out.index),
             "sample_index": out.index,
-            "completion": out.text,
             "token_ids": out.token_ids,
             "finish_reason": out.finish_reason,
             "prompt_tokens": len(out.prompt_token_ids) or len(spec.token_ids or ()),
@@ -73,6 +75,13 @@ def output_rows(spec: RequestSpec, outputs: list[CompletionOutput], digest: str)
     ]
 
 
+def _texts(spec: RequestSpec, text: str) -> dict[str, Any]:
+    if spec.reasoning is None:
+        return {"completion": text, "reasoning": None}
+    reasoning, answer = split_reasoning(text, *spec.reasoning, spec.prompt)
+    return {"completion": answer, "reasoning": reasoning}
+
+
 def error_rows(spec: RequestSpec, error: str, digest: str) -> list[dict[str, Any]]:
     """One row per sample of a request that could not run, each carrying ``error``."""
     base = _base_row(spec, digest)
@@ -82,6 +91,7 @@ def error_rows(spec: RequestSpec, error: str, digest: str) -> list[dict[str, Any
             "custom_id": custom_id(spec.id, i, None if spec.duplicate_of is None else spec.row_index),
             "sample_index": i,
             "completion": "",
+            "reasoning": None,
             "token_ids": [],
             "finish_reason": "error",
             "prompt_tokens": len(spec.token_ids or ()),

@@ -188,7 +188,8 @@ def test_openai_batch_sampling_fields_of_the_wrong_type_are_error_rows(tmp_path)
         ({"temperature": "hot"}, "temperature must be"),
         ({"stop": [1, 2]}, "stop strings must be non-empty strings"),
         ({"stop_token_ids": ["a"]}, "bad sampling fields"),
-        ({"logit_bias": {"1": 2}}, "unsupported request field 'logit_bias'"),
+        ({"logit_bias": {"1": 2}}, "unsupported request field logit_bias={'1': 2}"),
+        ({"logit_bias": {}, "presence_penalty": 0}, None),
         ({"stop": "END", "max_tokens": 3}, None),
     ]
     path = tmp_path / "batch.jsonl"

@@ -49,9 +49,14 @@ def test_merge_presents_a_complete_split_run_as_one_dataset(tmp_path, capsys, mo
     card = (run_dir / merge.CARD_NAME).read_text()
     assert "shard-00002-of-00003/generations/chunk-000001.arrow" in card and "40 rows from 3" in card
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    loaded = datasets.load_dataset(str(run_dir), split="train")
+    loaded = datasets.load_dataset(str(run_dir), split="train", cache_dir=str(tmp_path / "cache"))
     assert rows_by_custom_id(loaded.to_list()) == expected
-    assert datasets.load_dataset(str(run_dir), "steps", split="train").num_rows > 0
+    assert (
+        datasets.load_dataset(
+            str(run_dir), "steps", split="train", cache_dir=str(tmp_path / "cache")
+        ).num_rows
+        > 0
+    )
     assert rows_by_custom_id(merge.load_run(run_dir).to_list()) == expected
 
 

@@ -111,12 +111,15 @@ def test_openai_batch_requests_map_to_rows_and_sampling_overrides(tmp_path):
         {"custom_id": "nobody-4"},
     ]
     src = open_source(data("openai_batch", write_jsonl(tmp_path / "batch.jsonl", lines)))
-    assert src.columns() == ["custom_id", "messages", "prompt"]
+    assert src.columns() == ["custom_id", "messages", "prompt", "endpoint", "model", "chat_template_kwargs"]
     rows = list(src)
     assert rows[0].data == {
         "custom_id": "chat-1",
         "messages": [{"role": "user", "content": "hi"}],
         "prompt": None,
+        "endpoint": "/v1/chat/completions",
+        "model": "gpt-x",
+        "chat_template_kwargs": None,
     }
     assert rows[0].sampling == {
         "max_new_tokens": 12,
@@ -128,7 +131,7 @@ def test_openai_batch_requests_map_to_rows_and_sampling_overrides(tmp_path):
         "logprobs": True,
     }
     assert rows[1].data["prompt"] == "Once" and rows[1].sampling == {"max_new_tokens": 5}
-    assert "unsupported request field 'frequency_penalty'" in rows[2].error
+    assert "unsupported request field frequency_penalty=0.5" in rows[2].error
     assert "no 'body'" in rows[3].error and rows[3].data["custom_id"] == "nobody-4"
 
 
