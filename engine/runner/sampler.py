@@ -49,7 +49,9 @@ def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -
     idx = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)
     h = _mix32(((idx[None, :] * 0x9E3779B9) & _M32) ^ key[:, None])
     h = _mix32(h ^ ((key[:, None] * 0x85EBCA6B) & _M32))
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: with 24, the top value plus one half rounds to 1.0 in float32, whose Gumbel noise is +inf
+    # (that token always won, and a filtered one came out as NaN, which argmax picks).
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

@@ -11,6 +11,12 @@ values' order-preserving integer keys (each pass splits the bracket into ``NB`` 
 it to the data of one bin), followed by one pass that picks the boundary among tied tokens and
 one pass that draws over the prefix. The launch has fixed shapes and no host syncs, so it can be
 captured in a CUDA graph.
+
+Known differences from the reference, all at float-rounding boundaries: probability masses are
+summed in another order (a token whose mass before it equals top_p to the last bit may go either
+way), min-p compares ``exp(s - max) >= min_p`` rather than the ratio of two rounded softmax values,
+and the reference's cumulative sum can round to 1.0 and drop the last, vanishing tail tokens of a
+row with top_p == 1 that the kernel keeps.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ if triton is not None:
     def _gumbel(key, idx):
         h = _mix32((idx.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32)) ^ key)
         h = _mix32(h ^ (key * tl.full((), 0x85EBCA6B, tl.uint32)))
-        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         return -_log(-_log(u))
 
     @triton.jit
