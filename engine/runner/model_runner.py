@@ -149,7 +149,13 @@ class ModelRunner:
                 logits[rows:], score.targets, score.logprobs_out, score.top_ids_out, score.top_logprobs_out
             )
             logits = logits[:rows]
-        sampler = sample_fused if self.use_kernels and fused_sampler_available(logits.device) else sample
+        st = step.sampling
+        # The fused kernel is exact against the reference on the GPU for greedy and temperature
+        # sampling; its top-k / top-p / min-p boundary search has not been checked there yet, so
+        # steps with those filters keep the reference (sorting) sampler.
+        fused = not (st.any_top_k_top_p or st.any_min_p)
+        use_kernel = fused and self.use_kernels and fused_sampler_available(logits.device)
+        sampler = sample_fused if use_kernel else sample
         tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
