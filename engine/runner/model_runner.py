@@ -58,6 +58,7 @@ class ModelRunner:
         max_blocks_per_seq: int,
         use_kernels: bool,
         cuda_graphs: bool,
+        fused_sampler: bool = True,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -67,6 +68,7 @@ class ModelRunner:
             IOSlot(max_tokens, max_seqs, max_blocks_per_seq, self.device, self.pipe) for _ in range(2)
         ]
         self.use_kernels = use_kernels
+        self.use_fused_sampler = fused_sampler and use_kernels and fused_sampler_available(self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and use_kernels
         self.max_seqs = max_seqs
         self.graph_sizes = graph_token_sizes(max_tokens) if self.use_graphs else []
@@ -149,13 +151,7 @@ class ModelRunner:
                 logits[rows:], score.targets, score.logprobs_out, score.top_ids_out, score.top_logprobs_out
             )
             logits = logits[:rows]
-        st = step.sampling
-        # The fused kernel is exact against the reference on the GPU for greedy and temperature
-        # sampling; its top-k / top-p / min-p boundary search has not been checked there yet, so
-        # steps with those filters keep the reference (sorting) sampler.
-        fused = not (st.any_top_k_top_p or st.any_min_p)
-        use_kernel = fused and self.use_kernels and fused_sampler_available(logits.device)
-        sampler = sample_fused if use_kernel else sample
+        sampler = sample_fused if self.use_fused_sampler else sample
         tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
