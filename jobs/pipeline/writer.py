@@ -124,7 +124,11 @@ def _base_row(spec: RequestSpec, digest: str) -> dict[str, Any]:
 
 def rows_table(rows: list[dict[str, Any]], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
     """The rows as a table of ``schema``; a row that does not fit the schema becomes an error row (never a crash)."""
-    top = [name for name in TOP_COLUMNS if name in schema.names]
+    top = [
+        n
+        for n, t in TOP_COLUMNS.items()
+        if n in schema.names and schema.field(n).type == pa.list_(pa.list_(t))
+    ]
     plain = pa.schema([f for f in schema if f.name not in top])
     try:
         table = pa.Table.from_pylist(rows, schema=plain)

@@ -204,3 +204,13 @@ def test_the_distillation_recipe_runs_as_printed(tmp_path, models_dir):
         student / "model.safetensors",
     )
     assert run_recipe(output_dir(cfg), student) > 1e-3
+
+
+def test_runs_without_top_logprobs_keep_their_fingerprint(models_dir, tmp_path):
+    from jobs.pipeline.fingerprint import fingerprint
+
+    cfg = compose_config(["job=distill", f"output_root={tmp_path}", f"models_dir={models_dir}"])
+    plain = fingerprint(cfg, distill.sampling_params(cfg))
+    assert "top_logprobs" not in plain["sampling"]  # the fingerprint of runs made before the field existed
+    asking = compose_config(["job=distill", "job.sampling.top_logprobs=5", f"output_root={tmp_path}"])
+    assert fingerprint(asking, distill.sampling_params(asking))["sampling"]["top_logprobs"] == 5
