@@ -75,7 +75,7 @@ ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), re
         ("cpu", "sync", False),
         ("cpu", "async", False),
         ("cpu", "async", True),
-        # CUDA graphs (the flag in the graph key), the fused greedy sampler and the async loop
+        # CUDA graphs (the flag in the graph key), the fused sampler and the async loop
         pytest.param("cuda", "async", False, marks=ON_CUDA),
         pytest.param("cuda", "async", True, marks=ON_CUDA),
     ],
