@@ -156,7 +156,12 @@ def _top_column(rows: list[dict[str, Any]], name: str) -> pa.Array:
 
 
 def _offsets(lengths: np.ndarray) -> pa.Array:
-    return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    if ends[-1] > np.iinfo(np.int32).max:  # a list column's offsets are int32
+        raise JobError(
+            f"a chunk of {ends[-1]} top alternatives is beyond an Arrow list's 2**31: lower checkpoint.rows"
+        )
+    return pa.array(ends.astype(np.int32), pa.int32())
 
 
 def _storable(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
