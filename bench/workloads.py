@@ -7,6 +7,7 @@ parallelism each rank builds only its shard of the model (per-parameter random w
     python -m bench.workloads w2                       # one GPU, async then sync
     python -m bench.workloads w3 --modes async
     python -m bench.workloads w70b --tp 2 --modes async
+    python -m bench.workloads w2 --top-logprobs 20    # + the 20 most likely tokens per generated token
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from transformers import LlamaConfig, PreTrainedModel
 
 from bench.floor import weight_bytes
-from engine import EngineConfig, LLMEngine, SamplingParams, build_random_model
+from engine import CompletionOutput, EngineConfig, LLMEngine, SamplingParams, build_random_model
 from jobs.errors import JobError
 
 LLAMA3_8B = dict(
@@ -181,10 +182,24 @@ class EngineResult:
     mean_prep_ms: float = 0.0
     mean_compute_ms: float = 0.0
     records: list = field(default_factory=list, repr=False)
+    output_bytes: int = 0
+    """Bytes of what the engine hands back per sample: token ids (int32), logprobs and top alternatives."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.output_bytes / self.generated_tokens if self.generated_tokens else 0.0
+
+
+def output_bytes(out: CompletionOutput) -> int:
+    """A sample's output as stored: 4 bytes per token id and per logprob, 8 per top alternative."""
+    size = 4 * len(out.token_ids) + (4 * len(out.logprobs) if out.logprobs is not None else 0)
+    if out.top_token_ids is not None:
+        size += out.top_token_ids.nbytes + out.top_logprobs.nbytes
+    return size
 
 
 def run_engine(
@@ -230,10 +245,11 @@ def run_engine(
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(requests):
         engine.add_request(str(i), prompt, workload.params(n))
-    generated = 0
+    generated = out_bytes = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             generated += len(out.token_ids)
+            out_bytes += output_bytes(out)
     wall = time.perf_counter() - start
     summary = engine.summary()
     records = engine.pop_step_records()
@@ -246,6 +262,7 @@ def run_engine(
     result = EngineResult(
         mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak, prep, compute, records
     )
+    result.output_bytes = out_bytes
     return result
 
 
@@ -254,8 +271,12 @@ def main(
     modes: tuple[str, ...] = ("async", "sync"),
     tensor_parallel_size: int = 1,
     max_num_seqs: int | None = None,
+    top_logprobs: int = 0,
 ) -> list[EngineResult]:
     """Run workload ``name`` in each engine mode and print one line per mode.
+
+    ``top_logprobs`` > 0: every request also asks for that many top alternatives per token (the
+    engine's ``max_top_logprobs`` set to it); the line reports the output bytes per generated token.
 
     With ``tensor_parallel_size`` > 1 each mode starts its own tensor-parallel group (rank r on GPU
     r), whose ranks build their shards; its start-up time includes that build.
@@ -264,6 +285,9 @@ def main(
     if max_num_seqs is not None:  # the same requests at another concurrency
         workload = dataclasses.replace(workload, engine=workload.engine | {"max_num_seqs": max_num_seqs})
         name = f"{name}@{max_num_seqs}"
+    if top_logprobs:
+        workload = with_top_logprobs(workload, top_logprobs)
+        name = f"{name}+top{top_logprobs}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     tp = tensor_parallel_size
@@ -281,25 +305,40 @@ def main(
         print(
             f"{label} {mode:5s} wall {r.wall_s:7.2f}s  {r.tokens_per_s:9.1f} tok/s  gpu_busy {r.gpu_busy:6.2%}  "
             f"steps {r.steps}  tokens {r.generated_tokens}  startup {r.startup_s:.1f}s  capture {r.capture_s:.1f}s  "
-            f"peak {r.peak_memory_gb:.1f} GiB  prep {r.mean_prep_ms:.2f} ms/step  compute {r.mean_compute_ms:.2f} ms/step",
+            f"peak {r.peak_memory_gb:.1f} GiB  prep {r.mean_prep_ms:.2f} ms/step  compute {r.mean_compute_ms:.2f} ms/step  "
+            f"out {r.bytes_per_token:.0f} B/tok",
             flush=True,
         )
     return results
 
 
+def with_top_logprobs(workload: Workload, k: int) -> Workload:
+    """``workload`` whose requests each ask for ``k`` top alternatives per token (the engine's limit set to k)."""
+    return dataclasses.replace(
+        workload,
+        sampling=workload.sampling | {"top_logprobs": k},
+        engine=workload.engine | {"max_top_logprobs": k},
+    )
+
+
 def cli(argv: list[str] | None = None) -> list[EngineResult]:
-    """``python -m bench.workloads [name] [--tp N] [--modes async,sync]``."""
+    """``python -m bench.workloads [name] [--tp N] [--modes async,sync] [--max-num-seqs N] [--top-logprobs K]``."""
     parser = argparse.ArgumentParser(prog="python -m bench.workloads", description=__doc__.split("\n")[0])
     parser.add_argument("name", nargs="?", default="w2", choices=sorted(WORKLOADS))
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (rank r on GPU r)")
     parser.add_argument("--modes", default="async,sync", help="engine modes, comma-separated")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="override the workload's max_num_seqs")
+    parser.add_argument(
+        "--top-logprobs", type=int, default=0, help="every request asks for K top alternatives per token"
+    )
     args = parser.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     bad = set(modes) - {"async", "sync"}
     if bad or not modes:
         parser.error(f"--modes: use async and/or sync, got {args.modes!r}")
-    return main(args.name, modes, args.tp, args.max_num_seqs)
+    if args.top_logprobs < 0:
+        parser.error(f"--top-logprobs: use K >= 0, got {args.top_logprobs}")
+    return main(args.name, modes, args.tp, args.max_num_seqs, args.top_logprobs)
 
 
 if __name__ == "__main__":

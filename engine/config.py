@@ -39,6 +39,10 @@ class EngineConfig:
     PyTorch sampler for the same seeds); False keeps the PyTorch (sorting) sampler."""
     fused_kernels: bool = True
     """Fuse the decoder layers of Llama-family models (RMSNorm, rotary + cache write, q/k/v and gate/up matmuls)."""
+    max_top_logprobs: int = 20
+    """Most alternatives ``SamplingParams.top_logprobs`` may ask per generated token: the width of the
+    top-k outputs of every step that has a row asking (a fixed width keeps CUDA graphs and copies
+    shape-stable). A job raises it to its own ``sampling.top_logprobs``."""
     seed: int = 0
     device: str = "auto"
     tensor_parallel_size: int = 1
@@ -51,6 +55,8 @@ class EngineConfig:
             problems.append(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
         if self.max_num_seqs < 1:
             problems.append(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_top_logprobs < 0:
+            problems.append(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs}")
         if self.num_blocks is not None and self.num_blocks < 1:
             problems.append(f"num_blocks must be >= 1, got {self.num_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -6,6 +6,8 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, find_stop
@@ -107,6 +109,7 @@ class LLMEngine:
                 f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} needs {blocks} KV blocks, "
                 f"more than the whole cache ({self.block_manager.num_usable_blocks})"
             )
+        self._check_top_logprobs(params.top_logprobs)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         if params.min_new_tokens and len(stop_ids) > MAX_SUPPRESS:
             raise RequestError(
@@ -123,6 +126,16 @@ class LLMEngine:
             self.scheduler.add(seq)
             self._unfinished += 1
         self._live_requests[request_id] = params.n
+
+    def _check_top_logprobs(self, k: int) -> None:
+        limit = self.config.max_top_logprobs
+        if k > limit:
+            raise RequestError(
+                f"top_logprobs={k} exceeds this engine's limit of {limit} alternatives per token: raise "
+                f"EngineConfig.max_top_logprobs (engine.max_top_logprobs in a job) to at least {k}"
+            )
+        if k > self.vocab_size:
+            raise RequestError(f"top_logprobs={k} exceeds the model's vocabulary of {self.vocab_size} tokens")
 
     def has_unfinished_requests(self) -> bool:
         return self._unfinished > 0
@@ -173,7 +186,8 @@ class LLMEngine:
         self._record(step, gpu_start, gpu_end)
         if step.batch.num_scored:
             self._store_scores(step.batch, *self.runner.read_scores(step.launched))
-        return self._process(step.batch, tokens, logprobs)
+        top = self.runner.read_top_logprobs(step.launched) if step.launched.top else None
+        return self._process(step.batch, tokens, logprobs, top)
 
     @staticmethod
     def _store_scores(
@@ -196,10 +210,15 @@ class LLMEngine:
             row += p
 
     def _process(
-        self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]
+        self,
+        batch: ScheduledBatch,
+        tokens: list[int],
+        logprobs: list[float],
+        top: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[CompletionOutput]:
+        """Apply a step's sampled tokens (and, when asked, each row's top alternatives: ``top``)."""
         finished = []
-        for it, token, lp in zip(batch.sampled, tokens, logprobs, strict=True):
+        for row, (it, token, lp) in enumerate(zip(batch.sampled, tokens, logprobs, strict=True)):
             seq = it.seq
             if seq.is_finished:
                 continue  # finished in the step before; this token was computed one step ahead
@@ -219,6 +238,8 @@ class LLMEngine:
             seq.output_token_ids.append(token)
             if seq.params.logprobs:
                 seq.output_logprobs.append(lp)
+            if seq.top is not None:
+                seq.top.append(top[0][row], top[1][row])
             try:
                 reason = self._stop_reason(seq, token)
                 if reason is None and seq.params.think_end_ids and not seq.think_closed:
@@ -271,6 +292,8 @@ class LLMEngine:
         out.extend(forced)
         if params.logprobs:
             seq.output_logprobs.extend([0.0] * len(forced))
+        if seq.top is not None:
+            seq.top.append_forced(forced)
         if len(out) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
@@ -289,6 +312,7 @@ class LLMEngine:
                 text = self.detokenizer.final_text(seq)
             except Exception as exc:
                 seq.error, reason = f"{type(exc).__name__}: {exc}", "error"
+        top_ids, top_lps = seq.top.arrays() if seq.top is not None else (None, None)
         return CompletionOutput(
             request_id=seq.request_id,
             index=seq.sample_index,
@@ -300,6 +324,8 @@ class LLMEngine:
             error=seq.error,
             prompt_logprobs=seq.prompt_logprobs,
             prompt_top_logprobs=seq.prompt_top,
+            top_token_ids=top_ids,
+            top_logprobs=top_lps,
         )
 
     # -- timing -----------------------------------------------------------------------------

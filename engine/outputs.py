@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 class RequestError(ValueError):
     """A request the engine cannot serve (bad prompt, too long for the model or the cache)."""
@@ -20,6 +22,11 @@ class CompletionOutput:
     ``p + 1`` given the tokens before it (one entry per prompt token after the first), and for
     k > 0 ``prompt_top_logprobs[p]`` maps the k most likely tokens at that position to their
     logprobs (most likely first).
+
+    With ``SamplingParams.top_logprobs`` = k > 0: ``top_token_ids[i]`` (int32) and ``top_logprobs[i]``
+    (float32) are the k most likely tokens at generated token ``i`` and their logprobs under the raw
+    distribution, most likely first, arrays of shape ``[len(token_ids), k]``. A token the engine
+    forced (an end-of-thinking marker) has itself with logprob 0, then id -1 with -inf.
     """
 
     request_id: str
@@ -32,6 +39,8 @@ class CompletionOutput:
     error: str | None = None
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[dict[int, float]] | None = None
+    top_token_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 @dataclass

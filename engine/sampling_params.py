@@ -17,6 +17,11 @@ class SamplingParams:
     disable those filters. Logprobs, when asked, are those of the model's own distribution
     (log-softmax of the raw logits) for each chosen token.
 
+    ``top_logprobs = k`` (0: off) returns, for every generated token, the ``k`` most likely token ids
+    and their logprobs under the model's raw distribution: the log-softmax of the raw logits, before
+    temperature, the suppression of stop ids (``min_new_tokens``) and the top-k / top-p / min-p
+    filters, whatever was sampled. ``k`` may not exceed the engine's ``max_top_logprobs``.
+
     ``prompt_logprobs`` scores the prompt: ``None`` (or -1) off; ``0`` the logprob of each prompt
     token after the first given the tokens before it; ``k`` > 0 also the ``k`` most likely tokens
     at each of those positions (at most ``MAX_PROMPT_LOGPROBS``). Such a request computes its whole
@@ -42,6 +47,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
+    top_logprobs: int = 0
     prompt_logprobs: int | None = None
     think_end_ids: list[int] = field(default_factory=list)
     max_think_tokens: int | None = None
@@ -67,6 +73,12 @@ class SamplingParams:
             problems.append(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if (
+            not isinstance(self.top_logprobs, int)
+            or isinstance(self.top_logprobs, bool)
+            or self.top_logprobs < 0
+        ):
+            problems.append(f"top_logprobs must be an integer >= 0 (0: off), got {self.top_logprobs!r}")
         scoring = self.prompt_logprobs is not None
         if self.prompt_logprobs is not None and (
             not isinstance(self.prompt_logprobs, int)

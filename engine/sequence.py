@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from engine.top_logprobs import TopLogprobs
 
 
 class SeqStatus(enum.Enum):
@@ -53,6 +54,8 @@ class Sequence:
     """With ``params.prompt_logprobs``: entry ``p`` is the logprob of prompt token ``p + 1``."""
     prompt_top: list[dict[int, float]] | None = None
     """With ``params.prompt_logprobs`` = k > 0: the top k (token id -> logprob) at each position."""
+    top: TopLogprobs | None = None
+    """With ``params.top_logprobs`` = k > 0: the top k alternatives of each output token."""
     prompt_len: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class Sequence:
             self.prompt_logprobs = [0.0] * (self.prompt_len - 1)
             if k > 0:
                 self.prompt_top = [{} for _ in range(self.prompt_len - 1)]
+        if self.params.top_logprobs:
+            self.top = TopLogprobs(self.params.top_logprobs, self.params.max_new_tokens)
 
     @property
     def num_tokens(self) -> int:

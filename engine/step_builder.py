@@ -98,4 +98,5 @@ def build_step_arrays(batch: ScheduledBatch, block_size: int, prev_rows: dict[in
         score_indices=score_indices,
         score_targets=score_targets,
         score_top_k=score_top_k,
+        any_top_logprobs=any(p.top_logprobs > 0 for p in params),
     )

@@ -80,6 +80,7 @@ class Worker:
             use_kernels=self.device.type == "cuda" and kernels_available(),
             cuda_graphs=config.cuda_graphs,
             fused_sampler=config.fused_sampler,
+            top_width=min(config.max_top_logprobs, shape.vocab_size),
         )
         self.tp: Any = None
         """Rank 0 of a tensor-parallel group: its ``engine.parallel.group.TPContext``."""

@@ -1,4 +1,5 @@
-"""Distillation: chat messages from a dataset -> responses with the logprob of every chosen token."""
+"""Distillation: chat messages from a dataset -> responses with the logprob of every chosen token and, with
+``job.sampling.top_logprobs=k``, the teacher's k most likely tokens at each position (docs/distillation.md)."""
 
 from __future__ import annotations
 

@@ -105,6 +105,16 @@ def model_config(cfg: RunConfig) -> ModelConfig:
     return ModelConfig(**{n: getattr(m, n) for n in names} | {"model": path})
 
 
+def with_top_logprobs_limit(cfg: RunConfig, params: SamplingParams) -> RunConfig:
+    """``cfg`` with ``engine.max_top_logprobs`` raised to the job's ``sampling.top_logprobs`` (a request of
+    the source may still ask for more, up to the engine's limit)."""
+    if params.top_logprobs <= cfg.engine.max_top_logprobs:
+        return cfg
+    return dataclasses.replace(
+        cfg, engine=dataclasses.replace(cfg.engine, max_top_logprobs=params.top_logprobs)
+    )
+
+
 def load_engine(cfg: RunConfig) -> Any:
     """Load the model and build the engine; JobError naming the model if it cannot be loaded."""
     from engine.build import build_engine
@@ -136,6 +146,7 @@ def run_generation(
     run is complete (also when it was complete already: a re-run rewrites them).
     """
     params = params or cfg.job.sampling
+    cfg = with_top_logprobs_limit(cfg, params)
     if not (cfg.model.builtin or cfg.model.model):
         raise JobError(EMPTY_MODEL)  # before anything is written
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))

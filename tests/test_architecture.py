@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, int]] = [
     ("engine.runner.*", 2),
     ("engine.worker", 3),
     ("engine.parallel.*", 4),
+    ("engine.top_logprobs", 5),
     ("engine.*", 5),  # the loop: llm_engine, scheduler, block_manager, sequence, ...
     ("engine.build", 6),
     ("engine.llm", 7),

@@ -46,7 +46,7 @@ def unpack(header: list[int], payload: np.ndarray) -> StepArrays:
     floats = payload[pos:].view(np.float32)
     for f, n in field_lengths(FLOAT_FIELDS, t, s, r, width, scores):
         out[f.name], floats = floats[:n], floats[n:]
-    for name in ("any_sampling", "any_top_k_top_p", "any_min_p"):
+    for name in ("any_sampling", "any_top_k_top_p", "any_min_p", "any_top_logprobs"):
         flags[name] = bool(flags[name])
     return StepArrays(**out, **flags)
 

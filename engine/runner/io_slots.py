@@ -5,6 +5,10 @@ transfer or compute still reads. All integer inputs live in one buffer and all f
 in another (one host-to-device copy each); the block tables come after the per-step fields, so a
 step copies only the rows it uses, and the prompt-scoring fields after them are copied only by a
 step that scores. Buffer addresses never change, which is what CUDA graphs need.
+
+The top-logprobs outputs are ``[max_seqs, top_width]`` (ids int32, logprobs float32): a step whose
+rows ask for them writes every row at the full width and copies its rows back; a row that did not
+ask reads nothing of them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ class DeviceStep:
     logprobs_out: torch.Tensor
     score: ScoreStep | None = None
     """The step's scored prompt positions; None when it scores none (every graph step)."""
+    top_ids_out: torch.Tensor | None = None
+    """int32 [rows, top_width]: each row's most likely token ids; None when no row of the step asks."""
+    top_logprobs_out: torch.Tensor | None = None
+    """float32 [rows, top_width]: their logprobs under the raw logits."""
 
 
 @dataclass
@@ -58,12 +66,20 @@ class ScoreStep:
 
 
 class IOSlot:
-    """Buffers for steps of up to ``max_tokens`` tokens and ``max_seqs`` sequences."""
+    """Buffers for steps of up to ``max_tokens`` tokens and ``max_seqs`` sequences; ``top_width`` top
+    alternatives per sampling row."""
 
     def __init__(
-        self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device, pipeline
+        self,
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+        pipeline,
+        top_width: int = 0,
     ):
         self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
+        self.top_width = top_width
         self.offsets = offsets(INT_FIELDS, max_tokens, max_seqs, max_seqs, max_blocks_per_seq, max_tokens)
         self.float_offsets = offsets(FLOAT_FIELDS, max_tokens, max_seqs, max_seqs, max_blocks_per_seq)
         total = self.offsets["end"]
@@ -84,6 +100,11 @@ class IOSlot:
         self.host_score_logprobs = torch.zeros(max_tokens, dtype=torch.float32, pin_memory=pin)
         self.host_score_top_ids = torch.zeros(top, dtype=torch.int64, pin_memory=pin)
         self.host_score_top_logprobs = torch.zeros(top, dtype=torch.float32, pin_memory=pin)
+        top = (max_seqs, top_width)
+        self.dev_top_ids = torch.zeros(top, dtype=torch.int32, device=device)
+        self.dev_top_logprobs = torch.zeros(top, dtype=torch.float32, device=device)
+        self.host_top_ids = torch.zeros(top, dtype=torch.int32, pin_memory=pin)
+        self.host_top_logprobs = torch.zeros(top, dtype=torch.float32, pin_memory=pin)
         self._int_np, self._float_np = self.host_int.numpy(), self.host_float.numpy()
         self.h2d_done = pipeline.event()
         self.compute_start = pipeline.event(timing=True)
@@ -147,9 +168,14 @@ class IOSlot:
         if hi > lo:
             self.dev_int[lo:hi].copy_(self.host_int[lo:hi], non_blocking=True)
 
-    def copy_to_host(self, num_sampled: int, num_scored: int = 0, score_top_k: int = 0) -> None:
+    def copy_to_host(
+        self, num_sampled: int, num_scored: int = 0, score_top_k: int = 0, top: bool = False
+    ) -> None:
         self.host_tokens[:num_sampled].copy_(self.dev_tokens[:num_sampled], non_blocking=True)
         self.host_logprobs[:num_sampled].copy_(self.dev_logprobs[:num_sampled], non_blocking=True)
+        if top:  # the first rows of a contiguous [max_seqs, width] buffer: one copy each
+            self.host_top_ids[:num_sampled].copy_(self.dev_top_ids[:num_sampled], non_blocking=True)
+            self.host_top_logprobs[:num_sampled].copy_(self.dev_top_logprobs[:num_sampled], non_blocking=True)
         if num_scored:
             self.host_score_logprobs[:num_scored].copy_(
                 self.dev_score_logprobs[:num_scored], non_blocking=True
@@ -171,6 +197,11 @@ class IOSlot:
         top_lps = self.host_score_top_logprobs[:top].view(num_scored, score_top_k).tolist()
         return lps, ids, top_lps
 
+    def read_top(self, num_sampled: int) -> tuple[np.ndarray, np.ndarray]:
+        """The host copies of a step's top alternatives, ``[num_sampled, top_width]`` each: views of the
+        slot's buffers, valid until the slot's next step copies back."""
+        return self.host_top_ids[:num_sampled].numpy(), self.host_top_logprobs[:num_sampled].numpy()
+
     def view(self, name: str, n: int) -> torch.Tensor:
         """The first ``n`` entries of an integer field in the device buffer."""
         return self.dev_int[self.offsets[name] : self.offsets[name] + n]
@@ -183,6 +214,7 @@ class IOSlot:
         fo = self.float_offsets
         floats = [self.dev_float[fo[f.name] : fo[f.name] + num_rows] for f in FLOAT_FIELDS]
         width = self.width if graph else max(1, a.block_tables.shape[1])
+        top = a.any_top_logprobs and self.top_width > 0
         tables = v("block_tables", num_seqs * self.width).view(num_seqs, self.width)[:, :width]
         metadata = AttentionMetadata(
             slot_mapping=v("slot_mapping", num_tokens),
@@ -215,6 +247,8 @@ class IOSlot:
             tokens_out=self.dev_tokens[:num_rows],
             logprobs_out=self.dev_logprobs[:num_rows],
             score=None if graph or not a.num_scored else self._score_step(a.num_scored, a.score_top_k),
+            top_ids_out=self.dev_top_ids[:num_rows] if top else None,
+            top_logprobs_out=self.dev_top_logprobs[:num_rows] if top else None,
         )
 
     def _score_step(self, p: int, k: int) -> ScoreStep:

@@ -9,6 +9,11 @@ step on CPU or with ``cuda_graphs`` off, run eagerly. A step that scores prompt 
 (``SamplingParams.prompt_logprobs``) also runs eagerly: it keeps the logits of those positions
 besides the sampling rows' and writes their logprobs to the slot's scoring outputs. Steps that
 score nothing are unchanged (same graphs, same copies).
+
+A step with a row asking for top logprobs (``SamplingParams.top_logprobs``) also writes every
+row's ``top_width`` most likely tokens and their logprobs (raw distribution) to the slot's top
+outputs and copies them back with the sampled tokens; the flag is part of the graph key, so steps
+without such a row replay the same graphs as before and copy nothing more.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from engine.model.attention import ForwardContext, set_forward_context
 from engine.runner.io_slots import DeviceStep, IOSlot
-from engine.runner.sampler import sample, score_tokens
+from engine.runner.sampler import sample, score_tokens, top_logprobs
 from engine.runner.sampler_kernel import fused_sampler_available, sample_fused
 from engine.runner.step_layout import MAX_SUPPRESS, StepArrays
 from engine.runner.streams import Pipeline
@@ -37,6 +43,8 @@ class Launched:
     """Time the forward pass took inside ``launch`` (on CPU it runs there; on CUDA it is only enqueued)."""
     num_scored: int = 0
     score_top_k: int = 0
+    top: bool = False
+    """The step computed its rows' top alternatives (``read_top_logprobs``)."""
 
 
 def graph_token_sizes(max_tokens: int) -> list[int]:
@@ -59,14 +67,18 @@ class ModelRunner:
         use_kernels: bool,
         cuda_graphs: bool,
         fused_sampler: bool = True,
+        top_width: int = 0,
     ):
+        """``top_width``: the top alternatives a step computes per row when one asks (0: never)."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = next(model.parameters()).device
         self.pipe = Pipeline(self.device)
         self.slots = [
-            IOSlot(max_tokens, max_seqs, max_blocks_per_seq, self.device, self.pipe) for _ in range(2)
+            IOSlot(max_tokens, max_seqs, max_blocks_per_seq, self.device, self.pipe, top_width)
+            for _ in range(2)
         ]
+        self.top_width = top_width
         self.use_kernels = use_kernels
         self.use_fused_sampler = fused_sampler and use_kernels and fused_sampler_available(self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and use_kernels
@@ -84,6 +96,7 @@ class ModelRunner:
         index = self._next_slot
         self._next_slot ^= 1
         slot, prev = self.slots[index], self.slots[index ^ 1]
+        top = a.any_top_logprobs and self.top_width > 0
         padded = 0 if a.num_scored else self._graph_size(a)
         sizes = self._padded_sizes(padded) if padded else (a.num_tokens, a.num_seqs, a.num_sampled)
         slot.h2d_done.synchronize()  # this slot's host buffers are free once their last copy is done
@@ -97,7 +110,7 @@ class ModelRunner:
             pipe.compute.wait_event(slot.h2d_done)
             slot.compute_start.record()
             if padded:
-                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p)
+                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p, top)
                 if key not in self.graphs:
                     self._capture(key, slot, prev)
                 self.graphs[key].replay()
@@ -107,9 +120,9 @@ class ModelRunner:
         inline = 0.0 if pipe.cuda else slot.compute_start.elapsed_time(slot.compute_done) / 1000
         with pipe.on(pipe.d2h):
             pipe.d2h.wait_event(slot.compute_done)
-            slot.copy_to_host(a.num_sampled, a.num_scored, a.score_top_k)
+            slot.copy_to_host(a.num_sampled, a.num_scored, a.score_top_k, top)
             slot.d2h_done.record()
-        return Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k)
+        return Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k, top)
 
     def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
         """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""
@@ -124,6 +137,11 @@ class ModelRunner:
         """A collected step's prompt scores: the logprob of each scored position's target token, and
         (``score_top_k`` > 0) the top token ids and their logprobs per position."""
         return self.slots[launched.slot].read_scores(launched.num_scored, launched.score_top_k)
+
+    def read_top_logprobs(self, launched: Launched) -> tuple[np.ndarray, np.ndarray]:
+        """A collected step's top alternatives per sampling row: ids (int32) and logprobs (float32),
+        ``[rows, top_width]`` each, most likely first; views valid until this slot's next step."""
+        return self.slots[launched.slot].read_top(launched.num_rows)
 
     # -- compute ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -155,6 +173,8 @@ class ModelRunner:
         tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
+        if step.top_ids_out is not None:
+            top_logprobs(logits, step.top_ids_out, step.top_logprobs_out)
 
     def _graph_size(self, a: StepArrays) -> int:
         if not self.use_graphs or a.num_tokens > self.graph_sizes[-1]:
@@ -167,7 +187,9 @@ class ModelRunner:
         return num_tokens, rows, rows
 
     @staticmethod
-    def _idle_shape(any_sampling: bool, any_top_k_top_p: bool, any_min_p: bool) -> SimpleNamespace:
+    def _idle_shape(
+        any_sampling: bool, any_top_k_top_p: bool, any_min_p: bool, any_top_logprobs: bool = False
+    ) -> SimpleNamespace:
         """The host-side sizes a padded idle step (or a captured graph) is built with."""
         return SimpleNamespace(
             max_query_len=1,
@@ -176,6 +198,7 @@ class ModelRunner:
             any_sampling=any_sampling,
             any_top_k_top_p=any_top_k_top_p,
             any_min_p=any_min_p,
+            any_top_logprobs=any_top_logprobs,
         )
 
     def probe(self) -> None:
@@ -191,8 +214,8 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
-        _, size, any_sampling, any_top_k_top_p, any_min_p = key
-        shape = self._idle_shape(any_sampling, any_top_k_top_p, any_min_p)
+        _, size, *flags = key
+        shape = self._idle_shape(*flags)
         step = slot.device_step(*self._padded_sizes(size), shape, graph=True)
         stream = self.pipe.compute
         # Warm-up outside the capture: Triton compiles and lazy initialisation happen here.
@@ -212,7 +235,7 @@ class ModelRunner:
             for size in reversed(self.graph_sizes):
                 for index in (0, 1):
                     slot, prev = self.slots[index], self.slots[index ^ 1]
-                    key = (index, size, False, False, False)
+                    key = (index, size, False, False, False, False)
                     if key not in self.graphs:
                         self._load_idle_step(slot, size)
                         self._capture(key, slot, prev)

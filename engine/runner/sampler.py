@@ -128,3 +128,13 @@ def score_tokens(
             values, ids = lsm.topk(k, dim=-1)
             top_logprobs_out[lo:hi] = values
             top_ids_out[lo:hi] = ids
+
+
+def top_logprobs(logits: torch.Tensor, ids_out: torch.Tensor, logprobs_out: torch.Tensor) -> None:
+    """The ``ids_out.shape[1]`` most likely tokens of each row (descending; the order of tied tokens is
+    unspecified) and their logprobs under the raw logits (``x - logsumexp``, as for the chosen token's
+    logprob), written into the outputs (fixed shapes: a CUDA graph can hold this)."""
+    raw = logits.float()
+    values, ids = raw.topk(ids_out.shape[1], dim=-1)
+    logprobs_out.copy_(values - torch.logsumexp(raw, dim=-1, keepdim=True))
+    ids_out.copy_(ids)

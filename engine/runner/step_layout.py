@@ -5,6 +5,9 @@ the model runner all place the arrays by this layout: integer fields back to bac
 buffer (block tables after the per-step fields, so a step copies only the rows it uses, then the
 prompt-scoring fields, copied only by a step that scores), float fields in one float32 buffer.
 
+Top logprobs of generated tokens need no input array: a flag (``any_top_logprobs``) says whether the
+step computes them, for every sampling row at the engine's fixed width.
+
 Prompt scoring (``SamplingParams.prompt_logprobs``): a step lists the token positions whose logits
 it keeps besides the sampling rows (``score_indices``, into the step's tokens) and the token each
 of them is scored against (``score_targets``: the next prompt token).
@@ -54,7 +57,15 @@ SCORE_FIELDS = ("score_indices", "score_targets")
 """The fields after the block tables: only a step that scores copies them."""
 FLOAT_FIELDS = (Field("temperature", "row"), Field("top_p", "row"), Field("min_p", "row"))
 """The float32 buffer's fields, in order."""
-FLAGS = ("max_query_len", "max_context_len", "any_sampling", "any_top_k_top_p", "any_min_p", "score_top_k")
+FLAGS = (
+    "max_query_len",
+    "max_context_len",
+    "any_sampling",
+    "any_top_k_top_p",
+    "any_min_p",
+    "score_top_k",
+    "any_top_logprobs",
+)
 """Scalars of a step (not in the buffers)."""
 
 
@@ -83,7 +94,9 @@ class StepArrays:
     """Host-side inputs of one step. Token arrays have ``num_tokens`` entries, sequence arrays
     ``num_seqs``, sampling arrays ``num_sampled`` (the sequences that emit a token, in order),
     scoring arrays ``num_scored`` (the prompt positions scored, in order; empty in most steps).
-    ``score_top_k`` is the most top alternatives a scored position of this step asks for."""
+    ``score_top_k`` is the most top alternatives a scored position of this step asks for;
+    ``any_top_logprobs``: some sampling row asks for its token's top alternatives
+    (``SamplingParams.top_logprobs``), so the step computes them for every row."""
 
     input_ids: np.ndarray
     carry: np.ndarray
@@ -109,6 +122,7 @@ class StepArrays:
     score_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     score_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     score_top_k: int = 0
+    any_top_logprobs: bool = False
 
     @property
     def num_tokens(self) -> int:

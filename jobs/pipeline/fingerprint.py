@@ -24,6 +24,8 @@ def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
     sampling = dataclasses.asdict(params)
     if sampling["prompt_logprobs"] is None:  # unset: the fingerprint of runs made before the field existed
         del sampling["prompt_logprobs"]
+    if not sampling["top_logprobs"]:  # likewise
+        del sampling["top_logprobs"]
     # The score job's settings, only when set: other jobs keep the fingerprints they had before these existed.
     scoring = {"context_column": d.context_column, "continuations_column": d.continuations_column}
     extra = {"top_logprobs": cfg.job.top_logprobs} if hasattr(cfg.job, "top_logprobs") else {}

@@ -38,6 +38,8 @@ COLUMNS = [
     "prompt_tokens",
     "completion_tokens",
     "logprobs",
+    "top_token_ids",
+    "top_logprobs",
     "sampling",
     "error",
     "config_hash",
@@ -95,7 +97,9 @@ class TokenText:
 class OpenAIBatchOutput:
     """The final step of ``job=openai_batch``: ``output.jsonl`` and ``errors.jsonl`` from the committed rows.
 
-    ``tokenizer`` is called (once) only when a request asked for logprobs: token texts need it.
+    ``tokenizer`` is called (once) only when a request asked for logprobs: token texts need it. The top
+    alternatives (``top_logprobs``) are those the request asked for, as OpenAI gives them (chat: a list
+    of ``{token, logprob, bytes}`` per token; completions: a mapping of token text to logprob).
     """
 
     served_model: str
@@ -173,9 +177,9 @@ class OpenAIBatchOutput:
         logprobs = None
         if row["sampling"]["logprobs"] and row["logprobs"] is not None:
             content = []
-            for token_id, lp in zip(row["token_ids"], row["logprobs"], strict=True):
-                text, raw = self._text(token_id)
-                content.append({"token": text, "logprob": lp, "bytes": list(raw), "top_logprobs": []})
+            for i, (token_id, lp) in enumerate(zip(row["token_ids"], row["logprobs"], strict=True)):
+                top = [self._token(t, t_lp) for t, t_lp in _alternatives(row, i)]
+                content.append(self._token(token_id, lp) | {"top_logprobs": top})
             logprobs = {"content": content, "refusal": None}
         return {
             "index": row["sample_index"],
@@ -196,7 +200,9 @@ class OpenAIBatchOutput:
             logprobs = {
                 "tokens": tokens,
                 "token_logprobs": list(row["logprobs"]),
-                "top_logprobs": [{} for _ in tokens],
+                "top_logprobs": [
+                    {self._text(t)[0]: t_lp for t, t_lp in _alternatives(row, i)} for i in range(len(tokens))
+                ],
                 "text_offset": offsets,
             }
         return {
@@ -206,10 +212,24 @@ class OpenAIBatchOutput:
             "finish_reason": row["finish_reason"],
         }
 
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        """A chat logprobs entry: the token's text, its logprob and its bytes."""
+        text, raw = self._text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
     def _text(self, token_id: int) -> tuple[str, bytes]:
         if self._token_text is None:
             self._token_text = TokenText(self.tokenizer())
         return self._token_text(token_id)
+
+
+def _alternatives(row: dict[str, Any], i: int) -> list[tuple[int, float]]:
+    """Generated token ``i``'s top alternatives (id, logprob), most likely first; none unless the request
+    asked (``top_logprobs``), and none that does not exist (after a forced token)."""
+    ids = row["top_token_ids"]
+    if ids is None:
+        return []
+    return [(t, lp) for t, lp in zip(ids[i], row["top_logprobs"][i], strict=True) if t >= 0]
 
 
 def _requests(out_dir: Path) -> Iterator[tuple[list[dict[str, Any]], int]]:

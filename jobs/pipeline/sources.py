@@ -297,6 +297,7 @@ OPENAI_SAMPLING_FIELDS = {
     "ignore_eos": "ignore_eos",
     "n": "n",
     "logprobs": "logprobs",
+    "top_logprobs": "top_logprobs",
 }
 OPENAI_IGNORED_FIELDS = {
     "model",
@@ -308,7 +309,6 @@ OPENAI_IGNORED_FIELDS = {
     "metadata",
     "store",
     "chat_template_kwargs",
-    "top_logprobs",  # alternatives are not computed: each token's top_logprobs is an empty list
 }
 # Fields accepted only with the value that asks for nothing (the default).
 OPENAI_NEUTRAL_FIELDS = {
@@ -383,8 +383,30 @@ class OpenAIBatchSource(JsonlSource):
                 continue
             if key not in OPENAI_SAMPLING_FIELDS:
                 return SourceRow(index, data, error=f"unsupported request field {key!r} at {where}")
-            if key == "logprobs":
-                # chat: a boolean; completions: the number of alternatives (0 still returns the chosen tokens')
-                value = bool(value) if chat or isinstance(value, bool) else isinstance(value, int)
+            if key in ("logprobs", "top_logprobs"):
+                problem = _logprobs_fields(key, value, chat, overrides)
+                if problem is not None:
+                    return SourceRow(index, data, error=f"{problem} at {where}")
+                continue
             overrides[OPENAI_SAMPLING_FIELDS[key]] = value
+        if overrides.get("top_logprobs") and not overrides.get("logprobs"):
+            return SourceRow(index, data, error=f"top_logprobs needs logprobs=true at {where}")
         return SourceRow(index, data, sampling=overrides)
+
+
+def _logprobs_fields(key: str, value: Any, chat: bool, overrides: dict[str, Any]) -> str | None:
+    """Set the sampling fields of a request's ``logprobs`` or ``top_logprobs``; the problem, if any.
+
+    Chat: ``logprobs`` is a boolean and ``top_logprobs`` the number of alternatives per token.
+    Completions: ``logprobs`` is the number of alternatives (0 still returns the chosen tokens')."""
+    if key == "top_logprobs":
+        if not chat:
+            return f"{COMPLETIONS_URL} takes the number of alternatives in 'logprobs', not 'top_logprobs'"
+        overrides["top_logprobs"] = value
+    elif chat or isinstance(value, bool):
+        overrides["logprobs"] = bool(value)
+    else:
+        overrides["logprobs"] = isinstance(value, int)
+        if isinstance(value, int):
+            overrides["top_logprobs"] = value
+    return None

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from engine.outputs import CompletionOutput
@@ -44,11 +45,16 @@ ROW_SCHEMA = pa.schema(
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
         ("logprobs", pa.list_(pa.float32())),
+        ("top_token_ids", pa.list_(pa.list_(pa.int32()))),
+        ("top_logprobs", pa.list_(pa.list_(pa.float32()))),
         ("sampling", SAMPLING_TYPE),
         ("error", pa.string()),
         ("config_hash", pa.string()),
     ]
 )
+TOP_COLUMNS = {"top_token_ids": pa.int32(), "top_logprobs": pa.float32()}
+"""Per generated token, the k most likely tokens and their logprobs (``sampling.top_logprobs`` = k; null
+when 0). Rows carry them as ``[tokens, k]`` arrays until their commit builds each column at once."""
 STEP_SCHEMA = pa.schema(arrow_struct_fields(StepRecord) + [("attempt", pa.int64())])
 
 
@@ -69,6 +75,8 @@ def output_rows(spec: RequestSpec, outputs: list[CompletionOutput], digest: str)
             "prompt_tokens": len(out.prompt_token_ids) or len(spec.token_ids or ()),
             "completion_tokens": len(out.token_ids),
             "logprobs": out.logprobs,
+            "top_token_ids": out.top_token_ids,
+            "top_logprobs": out.top_logprobs,
             "error": out.error,
         }
         for out in outputs
@@ -116,10 +124,44 @@ def _base_row(spec: RequestSpec, digest: str) -> dict[str, Any]:
 
 def rows_table(rows: list[dict[str, Any]], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
     """The rows as a table of ``schema``; a row that does not fit the schema becomes an error row (never a crash)."""
+    top = [
+        n
+        for n, t in TOP_COLUMNS.items()
+        if n in schema.names and schema.field(n).type == pa.list_(pa.list_(t))
+    ]
+    plain = pa.schema([f for f in schema if f.name not in top])
     try:
-        return pa.Table.from_pylist(rows, schema=schema)
+        table = pa.Table.from_pylist(rows, schema=plain)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        return pa.Table.from_pylist([_storable(r, schema) for r in rows], schema=schema)
+        rows = [_storable(r, plain) for r in rows]  # a row made an error row keeps no top alternatives
+        table = pa.Table.from_pylist(rows, schema=plain)
+    for name in top:
+        table = table.add_column(schema.get_field_index(name), schema.field(name), _top_column(rows, name))
+    return table
+
+
+def _top_column(rows: list[dict[str, Any]], name: str) -> pa.Array:
+    """A ``list<list<value>>`` column from each row's ``[tokens, k]`` array (null where a row has none),
+    built from flat buffers: no Python object per alternative."""
+    arrays = [r.get(name) for r in rows]
+    present = [a for a in arrays if a is not None]
+    values = np.concatenate([a.ravel() for a in present] or [np.zeros(0)])
+    widths = np.concatenate(
+        [np.full(len(a), a.shape[1], dtype=np.int64) for a in present] or [np.zeros(0, int)]
+    )
+    tokens = np.array([0 if a is None else len(a) for a in arrays], dtype=np.int64)
+    inner = pa.ListArray.from_arrays(_offsets(widths), pa.array(values, TOP_COLUMNS[name]))
+    nulls = pa.array([a is None for a in arrays], pa.bool_())
+    return pa.ListArray.from_arrays(_offsets(tokens), inner, mask=nulls)
+
+
+def _offsets(lengths: np.ndarray) -> pa.Array:
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    if ends[-1] > np.iinfo(np.int32).max:  # a list column's offsets are int32
+        raise JobError(
+            f"a chunk of {ends[-1]} top alternatives is beyond an Arrow list's 2**31: lower checkpoint.rows"
+        )
+    return pa.array(ends.astype(np.int32), pa.int32())
 
 
 def _storable(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:

@@ -25,9 +25,11 @@ def test_workloads_cli_takes_w3(monkeypatch):
     seen = []
     monkeypatch.setattr(workloads, "main", lambda *args: seen.append(args) or [])
     cli(["w3", "--modes", "async"])
-    assert seen == [("w3", ("async",), 1, None)]
+    assert seen == [("w3", ("async",), 1, None, 0)]
     cli(["w2s", "--max-num-seqs", "512"])
-    assert seen[-1] == ("w2s", ("async", "sync"), 1, 512)
+    assert seen[-1] == ("w2s", ("async", "sync"), 1, 512, 0)
+    cli(["w2", "--top-logprobs", "20", "--modes", "async"])
+    assert seen[-1] == ("w2", ("async",), 1, None, 20)
 
 
 def test_transformers_requests_are_the_first_ones_with_their_own_lengths():
@@ -35,3 +37,13 @@ def test_transformers_requests_are_the_first_ones_with_their_own_lengths():
     assert transformers_requests(requests, None, None) == requests
     assert transformers_requests(requests, 2, None) == requests[:2]
     assert transformers_requests(requests, 2, 8) == [([1] * 5, 8), ([2] * 3, 4)]
+
+
+def test_top_logprobs_workload_reports_its_output_bytes_per_token():
+    # smoke (tiny model, CPU): every request asks for 5 alternatives; no logprobs: 4 + 5 x 8 bytes per token.
+    (result,) = workloads.main("smoke", ("sync",), top_logprobs=5)
+    assert result.generated_tokens > 0 and result.bytes_per_token == 4 + 5 * 8
+    w = workloads.with_top_logprobs(WORKLOADS["w2"], 100)
+    assert w.params(8).top_logprobs == 100 and w.engine == {"max_num_seqs": 256, "max_top_logprobs": 100}
+    (plain,) = workloads.main("smoke", ("sync",))
+    assert plain.bytes_per_token == 4

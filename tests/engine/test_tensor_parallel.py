@@ -13,6 +13,7 @@ import time
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -113,6 +114,28 @@ def test_seeded_sampling_tp2_equals_one_process(tp_llms):
     ]
     lp_got, lp_expected = got[2].outputs[0].logprobs, expected[2].outputs[0].logprobs
     assert lp_got == pytest.approx(lp_expected, abs=1e-4)
+
+
+def test_top_logprobs_tp2_equal_one_process(tp_llms):
+    llm = tp_llms("llama")  # the default limit of 20 alternatives
+    single = make_llm("llama", mode="async", **OPTIONS)
+    prompts = random_prompts(4, seed=23)
+    params = [
+        SamplingParams(temperature=0, max_new_tokens=9, top_logprobs=20),
+        SamplingParams(temperature=0.9, seed=5, n=2, max_new_tokens=7, top_logprobs=3),
+        SamplingParams(temperature=0, max_new_tokens=6),
+        SamplingParams(temperature=0.7, seed=2, max_new_tokens=8, top_logprobs=1),
+    ]
+    got, expected = llm.generate(prompts, params), single.generate(prompts, params)
+    for g, e, p in zip(got, expected, params, strict=True):
+        for gs, es in zip(g.outputs, e.outputs, strict=True):
+            assert gs.token_ids == es.token_ids
+            if not p.top_logprobs:
+                assert gs.top_token_ids is None
+                continue
+            assert gs.top_token_ids.shape == (len(gs.token_ids), p.top_logprobs)
+            assert (gs.top_token_ids == es.top_token_ids).all()
+            np.testing.assert_allclose(gs.top_logprobs, es.top_logprobs, atol=1e-4)
 
 
 def test_step_inputs_travel_intact():

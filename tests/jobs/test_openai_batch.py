@@ -90,6 +90,8 @@ def batch_lines() -> list:
         },
         chat("other-model", "Hi", model="gpt-4o"),
         chat("too-hot", "Hi", temperature=-1),
+        chat("top-without-logprobs", "Hi", top_logprobs=2),
+        chat("top-above-the-limit", "Hi", logprobs=True, top_logprobs=21),  # the engine's default limit: 20
         chat("alias", "Hello there", model="my-alias", max_tokens=6),
     ]
     for i in range(12):  # enough rows for several commits, so that kills land mid-run
@@ -152,10 +154,19 @@ def check_lines(out_dir: Path, ids: list, lines: list) -> None:
             if req.get("logprobs") is not None and req.get("logprobs") is not False:
                 if model is ChatCompletion:
                     tokens = c.logprobs.content
-                    assert all(t.top_logprobs == [] and t.logprob <= 0 for t in tokens)
+                    k = req.get("top_logprobs", 0)
+                    for t in (
+                        tokens
+                    ):  # the alternatives asked for, most likely first, the best at least the chosen
+                        assert len(t.top_logprobs) == k and t.logprob <= 0
+                        lps = [a.logprob for a in t.top_logprobs]
+                        assert lps == sorted(lps, reverse=True) and (not k or lps[0] >= t.logprob - 1e-6)
                 else:
                     tokens = c.logprobs.tokens
                     assert len(c.logprobs.token_logprobs) == len(tokens) == len(c.logprobs.text_offset)
+                    k = req["logprobs"]  # alternatives by text: tokens that decode alike share an entry
+                    assert all(0 < len(top) <= k for top in c.logprobs.top_logprobs)
+                    assert len(c.logprobs.top_logprobs) == len(tokens)
                 assert 0 < len(tokens) <= limit
             else:
                 assert c.logprobs is None
@@ -173,7 +184,17 @@ def check_lines(out_dir: Path, ids: list, lines: list) -> None:
     assert by_id["wrong-endpoint"]["code"] == "invalid_url"
     assert by_id["other-model"]["code"] == "model_not_found" and "gpt-4o" in by_id["other-model"]["message"]
     assert "temperature must be >= 0" in by_id["too-hot"]["message"]
-    assert set(by_id) == {None, "wrong-endpoint", "other-model", "too-hot"}
+    assert "top_logprobs needs logprobs=true" in by_id["top-without-logprobs"]["message"]
+    too_many = by_id["top-above-the-limit"]
+    assert too_many["code"] == "invalid_request" and "engine.max_top_logprobs" in too_many["message"]
+    assert set(by_id) == {
+        None,
+        "wrong-endpoint",
+        "other-model",
+        "too-hot",
+        "top-without-logprobs",
+        "top-above-the-limit",
+    }
 
 
 def comparable(out_dir: Path) -> list:
@@ -208,6 +229,17 @@ def test_every_line_validates_with_the_openai_types_one_per_request(baseline):
         rows["chat-logprobs-1"]["logprobs"]
     )
     assert chat_lp["message"]["content"] == rows["chat-logprobs-1"]["completion"]
+    # The alternatives are the rows' Arrow columns, as token texts.
+    row = rows["chat-logprobs-1"]
+    alternatives = [t["top_logprobs"] for t in chat_lp["logprobs"]["content"]]
+    assert_same([[a["logprob"] for a in top] for top in alternatives], row["top_logprobs"])
+    assert len(row["top_token_ids"]) == row["completion_tokens"] and {
+        len(t) for t in row["top_token_ids"]
+    } == {3}
+    assert (
+        rows["chat-plain-0"]["top_token_ids"] is None
+        and rows["chat-plain-0"]["sampling"]["top_logprobs"] == 0
+    )
 
 
 def test_rerun_of_a_complete_run_rewrites_the_files(baseline, models_dir):

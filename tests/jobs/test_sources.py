@@ -135,6 +135,37 @@ def test_openai_batch_requests_map_to_rows_and_sampling_overrides(tmp_path):
     assert "no 'body'" in rows[3].error and rows[3].data["custom_id"] == "nobody-4"
 
 
+def test_openai_top_logprobs_map_to_sampling_as_each_endpoint_asks(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    lines = [
+        {
+            "custom_id": "c1",
+            "url": "/v1/chat/completions",
+            "body": chat | {"logprobs": True, "top_logprobs": 5},
+        },
+        {"custom_id": "c2", "url": "/v1/chat/completions", "body": chat | {"top_logprobs": 2}},
+        {
+            "custom_id": "c3",
+            "url": "/v1/chat/completions",
+            "body": chat | {"logprobs": False, "top_logprobs": 0},
+        },
+        {"custom_id": "t1", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 3}},
+        {"custom_id": "t2", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 0}},
+        {
+            "custom_id": "t3",
+            "url": "/v1/completions",
+            "body": {"prompt": "x", "logprobs": 1, "top_logprobs": 2},
+        },
+    ]
+    rows = list(open_source(data("openai_batch", write_jsonl(tmp_path / "batch.jsonl", lines))))
+    assert rows[0].sampling == {"logprobs": True, "top_logprobs": 5}
+    assert "top_logprobs needs logprobs=true" in rows[1].error  # as OpenAI's API answers
+    assert rows[2].error is None and rows[2].sampling == {"logprobs": False, "top_logprobs": 0}
+    assert rows[3].sampling == {"logprobs": True, "top_logprobs": 3}  # completions: the number is k
+    assert rows[4].sampling == {"logprobs": True, "top_logprobs": 0}
+    assert "takes the number of alternatives in 'logprobs'" in rows[5].error
+
+
 def test_limit_then_shard_selects_row_index_modulo_count(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": str(i)} for i in range(30)])
     src = open_source(data("jsonl", tmp_path / "a.jsonl"))

@@ -52,3 +52,24 @@ def test_distill_output_loads_with_datasets_and_pyarrow(tmp_path):
     assert table.schema.equals(ROW_SCHEMA) and table.num_rows == 50
     steps = datasets.Dataset.from_file(str(next((output_dir(cfg) / "steps").glob("*.arrow"))))
     assert {"step", "gpu_compute_s", "kv_blocks_used", "attempt"} <= set(steps.column_names)
+
+
+def test_top_columns_are_built_from_arrays_with_any_k_per_row():
+    import numpy as np
+
+    from jobs.errors import JobError
+    from jobs.pipeline.writer import _offsets, rows_table
+
+    def row(cid, k=None, n=0):
+        top = {}
+        if k is not None:  # ids i*k + j, logprobs -(i*k + j)
+            ids = np.arange(n * k, dtype=np.int32).reshape(n, k)
+            top = {"top_token_ids": ids, "top_logprobs": -ids.astype(np.float32)}
+        return dict.fromkeys(ROW_SCHEMA.names) | {"custom_id": cid} | top
+
+    table = rows_table([row("a", 2, 3), row("b"), row("c", 5, 0), row("d", 1, 2)])
+    assert table.schema.equals(ROW_SCHEMA)
+    assert table["top_token_ids"].to_pylist() == [[[0, 1], [2, 3], [4, 5]], None, [], [[0], [1]]]
+    assert table["top_logprobs"].to_pylist() == [[[0, -1], [-2, -3], [-4, -5]], None, [], [[0], [-1]]]
+    with pytest.raises(JobError, match="lower checkpoint.rows"):
+        _offsets(np.array([2**31], dtype=np.int64))
