@@ -378,5 +378,10 @@ class LLMEngine:
     def close(self) -> None:
         """Free the cache and model references (the GPU memory returns to the allocator).
 
-        With tensor parallelism, rank 0 also stops the other ranks."""
+        The async loop's last step, launched one step ahead, is waited for first: freed while it
+        still runs, its cache writes would land in whatever the allocator hands out next (another
+        engine's inputs, in one process). With tensor parallelism, rank 0 also stops the other ranks."""
+        if self._in_flight is not None:
+            self.runner.collect(self._in_flight.launched)
+            self._in_flight = None
         self.worker.close()

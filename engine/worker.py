@@ -103,12 +103,14 @@ class Worker:
         self.graph_capture_s = time.perf_counter() - started
 
     def close(self) -> None:
-        """Free the cache (the GPU memory returns to the allocator)."""
-        if self.close_hooks and self.device.type == "cuda":
+        """Free the cache and the CUDA graphs (the GPU memory returns to the allocator), once the
+        device has finished every launched step."""
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for hook in self.close_hooks:
             hook()
         self.close_hooks = []
+        self.runner.release_graphs()
         self.runner.kv_caches.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

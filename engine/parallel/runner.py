@@ -34,3 +34,6 @@ class TPModelRunner:
 
     def read_top_logprobs(self, launched: Launched) -> tuple[np.ndarray, np.ndarray]:
         return self.runner.read_top_logprobs(launched)
+
+    def release_graphs(self) -> None:
+        self.runner.release_graphs()

@@ -227,6 +227,11 @@ class ModelRunner:
             self.graph_pool = graph.pool()
         self.graphs[key] = graph
 
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and their memory pool (they point into the cache being freed)."""
+        self.graphs.clear()
+        self.graph_pool = None
+
     def capture_graphs(self) -> int:
         """Capture the greedy-sampling graph of every padded token count for both slots, largest first."""
         if not self.use_graphs:

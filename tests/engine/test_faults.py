@@ -79,3 +79,27 @@ def test_out_of_memory_at_start_names_the_settings_to_lower(monkeypatch):
     monkeypatch.setattr(worker, "allocate_kv_cache", oom)
     with pytest.raises(RuntimeError, match="lower gpu_memory_utilization or num_blocks"):
         make_llm("llama")
+
+
+def test_close_waits_for_the_async_loops_last_step_before_freeing_the_cache(monkeypatch):
+    """The async loop launches one step ahead, so a finished run still has a step in flight; closing
+    must collect it before the cache (and the graphs that point into it) is freed, or its writes
+    land in memory the next engine of the process is given (seen on a GPU as a device-side assert
+    in the second engine's first forward)."""
+    llm = make_llm("llama", mode="async")
+    engine = llm.engine
+    events: list[str] = []
+    collect = engine.runner.collect
+    monkeypatch.setattr(
+        engine.runner, "collect", lambda launched: events.append("collect") or collect(launched)
+    )
+    release = engine.runner.release_graphs
+    monkeypatch.setattr(engine.runner, "release_graphs", lambda: events.append("release") or release())
+    caches = engine.runner.kv_caches
+    llm.generate(random_prompts(3, [7, 9, 5], seed=8), SamplingParams(temperature=0, max_new_tokens=6))
+    assert engine._in_flight is not None  # the step launched ahead of the last one that mattered
+    events.clear()
+    engine.close()
+    assert events == ["collect", "release"]
+    assert engine._in_flight is None
+    assert not caches and not engine.runner.graphs
