@@ -174,7 +174,7 @@ class ModelRunner:
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
         if step.top_ids_out is not None:
-            top_logprobs(logits, step.top_ids_out, step.top_logprobs_out)
+            top_logprobs(logits, step.top_ids_out, step.top_logprobs_out, tokens, logprobs)
 
     def _graph_size(self, a: StepArrays) -> int:
         if not self.use_graphs or a.num_tokens > self.graph_sizes[-1]:

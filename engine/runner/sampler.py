@@ -130,11 +130,28 @@ def score_tokens(
             top_ids_out[lo:hi] = ids
 
 
-def top_logprobs(logits: torch.Tensor, ids_out: torch.Tensor, logprobs_out: torch.Tensor) -> None:
+def top_logprobs(
+    logits: torch.Tensor,
+    ids_out: torch.Tensor,
+    logprobs_out: torch.Tensor,
+    tokens: torch.Tensor | None = None,
+    token_logprobs: torch.Tensor | None = None,
+) -> None:
     """The ``ids_out.shape[1]`` most likely tokens of each row (descending; the order of tied tokens is
     unspecified) and their logprobs under the raw logits (``x - logsumexp``, as for the chosen token's
-    logprob), written into the outputs (fixed shapes: a CUDA graph can hold this)."""
-    raw = logits.float()
-    values, ids = raw.topk(ids_out.shape[1], dim=-1)
-    logprobs_out.copy_(values - torch.logsumexp(raw, dim=-1, keepdim=True))
+    logprob), written into the outputs (fixed shapes: a CUDA graph can hold this).
+
+    With the step's sampled ``tokens`` and their ``token_logprobs``, each row's log-sum-exp is
+    recovered from them (``x[token] - logprob``) instead of another pass over the vocabulary, and
+    the selection runs on the logits in their own dtype (no float32 copy of the whole row)."""
+    k = ids_out.shape[1]
+    if tokens is None or token_logprobs is None:
+        raw = logits.float()
+        values, ids = raw.topk(k, dim=-1)
+        lse = torch.logsumexp(raw, dim=-1, keepdim=True)
+    else:
+        values, ids = logits.topk(k, dim=-1)
+        chosen = logits.gather(1, tokens.clamp(min=0)[:, None]).float()
+        lse = chosen - token_logprobs[:, None]
+    logprobs_out.copy_(values.float() - lse)
     ids_out.copy_(ids)
