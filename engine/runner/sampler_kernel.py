@@ -6,14 +6,17 @@ finiteness, the greedy argmax (after suppression) and the candidate: the argmax 
 ``uniform_noise`` does. The filters (top-k, top-p, min-p) keep a prefix of the tokens in
 descending order of scaled logit (ties by index, as the reference's sort leaves them), and the
 Gumbel-max draw over a prefix is the global candidate whenever the candidate lies in it: a cheap
-check pass decides that. Otherwise (a share of about 1 - top_p of the rows) the kept prefix lies
-wholly before the rejected candidate, so the draw over the tokens before it is the next
-candidate: each round is one pass that checks a candidate and draws the next (top-k alone, top-p
-alone, min-p). Only with top-k and top-p together, or after ``ROUNDS`` rounds, is the prefix's
-boundary found, by a search over the values' order-preserving integer keys (each pass splits the
-bracket into ``NB`` bins and narrows it to the data of one bin), followed by one pass that picks
-the boundary among tied tokens and one pass that draws over the prefix. The launch has fixed
-shapes and no host syncs, so it can be captured in a CUDA graph.
+check pass decides that. A top-k row first finds its boundary by a radix select (four passes,
+one byte of the values' order-preserving integer keys each, a 256-bin histogram). When the
+candidate is rejected, a top-k row (with or without the other filters) draws over its kept prefix
+directly; a top-p or min-p row without top-k uses rounds instead: the kept prefix lies wholly
+before the rejected candidate, so the draw over the tokens before it is the next candidate, one
+pass per round that checks a candidate and draws the next (a share of about 1 - top_p of the rows
+needs them, mostly one or two). The top-p boundary under a top-k limit, or after ``ROUNDS``
+rounds, is found by a search over the keys (each pass splits the bracket into ``NB`` bins and
+narrows it to the data of one bin), followed by one pass that picks the boundary among tied
+tokens and one pass that draws over the prefix. The launch has fixed shapes and no host syncs,
+so it can be captured in a CUDA graph.
 
 Known differences from the reference, all at float-rounding boundaries: probability masses are
 summed in another order (a token whose mass before it equals top_p to the last bit may go either
@@ -159,6 +162,34 @@ if triton is not None:
         return lo, above, mass_above
 
     @triton.jit
+    def _kth_key(row_ptr, V, sup, T, k, TILE: tl.constexpr, HAS_SUP: tl.constexpr):
+        """Radix select of the ``k``-th largest scaled logit: its key and the count of tokens strictly
+        above it (four passes, one byte of the order-preserving key each, a 256-bin histogram)."""
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros((), tl.int64)  # the key's bytes fixed so far, as an unsigned value
+        need = k  # the rank sought among the tokens that share the prefix (1-based)
+        above = tl.zeros((), tl.int32)
+        for j in tl.static_range(4):
+            shift: tl.constexpr = 24 - 8 * j
+            hist = tl.zeros((256,), tl.int32)
+            for start in range(0, V, TILE):
+                idx, valid, x, xs = _load_tile(row_ptr, start, V, sup, TILE, HAS_SUP)
+                u = _key(tl.math.div_rn(xs, T)).to(tl.int64) + 2147483648  # unsigned order
+                match = valid
+                if j > 0:
+                    match = valid & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+                digit = ((u >> shift) & 255).to(tl.int32)
+                hist += tl.histogram(digit, 256, mask=match)
+            higher = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)  # tokens in bins above each bin
+            ok = (higher < need) & (need <= higher + hist)
+            d = tl.max(tl.where(ok, bins, -1), axis=0)
+            gt = tl.sum(tl.where(bins == d, higher, 0), axis=0)
+            need -= gt
+            above += gt
+            prefix += d.to(tl.int64) << shift
+        return prefix - 2147483648, above
+
+    @triton.jit
     def _sample_kernel(
         X,
         stride_x,
@@ -254,29 +285,13 @@ if triton is not None:
                         use_p = top_p < 1.0
                         k_eff = tl.where(use_k, top_k, V).to(tl.int32)
                         if use_k:
-                            hi = _key(m_s).to(tl.int64)
-                            kB, above_k, mass_k = _search(
-                                row_ptr,
-                                V,
-                                sup,
-                                Td,
-                                m_s,
-                                KEY_LOW,
-                                hi,
-                                k_eff,
-                                1.0,
-                                1.0,
-                                TILE_S,
-                                NB,
-                                HAS_SUP,
-                                False,
-                            )
+                            kB, above_k = _kth_key(row_ptr, V, sup, Td, k_eff, TILE_S, HAS_SUP)
                             nB = k_eff - above_k
-                            Z = mass_k + nB.to(tl.float32) * tl.exp(_unkey(kB.to(tl.int32)) - m_s)
                         # Check pass: the candidate's rank and the mass above it.
                         before_n = tl.zeros((), tl.int32)
                         before_m = tl.zeros((), tl.float32)
                         z_all = tl.zeros((), tl.float32)
+                        mass_k = tl.zeros((), tl.float32)
                         for start in range(0, V, TILE):
                             idx, valid, x, xs = _load_tile(row_ptr, start, V, sup, TILE, HAS_SUP)
                             s = tl.math.div_rn(xs, Td)
@@ -286,7 +301,10 @@ if triton is not None:
                             before_n += tl.sum(before.to(tl.int32), axis=0)
                             before_m += tl.sum(tl.where(before, e, 0.0), axis=0)
                             z_all += tl.sum(e, axis=0)
-                        if use_k == 0:
+                            mass_k += tl.sum(tl.where(key > kB, e, 0.0), axis=0)
+                        if use_k:  # the top-k set's mass: the tokens above kB and nB of those at kB
+                            Z = mass_k + nB.to(tl.float32) * tl.exp(_unkey(kB.to(tl.int32)) - m_s)
+                        else:
                             Z = z_all
                         accept = accept & (before_n < k_eff)
                         accept = accept & (~use_p | (before_n == 0) | (before_m / Z < top_p))
@@ -295,7 +313,7 @@ if triton is not None:
                         accept = accept & (e_c >= min_p)
                     else:
                         min_p = 0.0
-                    if accept == 0 and (use_k & use_p) == 0:
+                    if accept == 0 and use_k == 0:
                         # Rounds: the kept set is a prefix of the order, so it lies wholly before a
                         # rejected candidate; the draw over what lies before it is the next candidate.
                         cand = c_idx
