@@ -5,6 +5,10 @@ transfer or compute still reads. All integer inputs live in one buffer and all f
 in another (one host-to-device copy each); the block tables come after the per-step fields, so a
 step copies only the rows it uses, and the prompt-scoring fields after them are copied only by a
 step that scores. Buffer addresses never change, which is what CUDA graphs need.
+
+Token masks (constrained decoding) have their own buffers, allocated by the first step that has
+constrained rows and copied apart from the step's other inputs: they are filled after the step's
+forward pass is enqueued (``engine.guided`` says why).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 
 from engine.model.attention import AttentionMetadata
-from engine.runner.sampler import SamplingTensors
+from engine.runner.sampler import SamplingTensors, TokenMask
 from engine.runner.step_layout import (
     FLOAT_FIELDS,
     INT_FIELDS,
@@ -57,6 +61,22 @@ class ScoreStep:
     top_logprobs_out: torch.Tensor  # float32 [P, top_k]
 
 
+@dataclass
+class _MaskBuffers:
+    """Token masks of up to one step's sampling rows: the masked rows and their bitmask words."""
+
+    host_rows: torch.Tensor
+    host_words: torch.Tensor
+    dev_rows: torch.Tensor
+    dev_words: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, words: int, device: torch.device, pin: bool) -> _MaskBuffers:
+        host_rows = torch.zeros(rows, dtype=torch.int64, pin_memory=pin)
+        host_words = torch.zeros((rows, words), dtype=torch.int32, pin_memory=pin)
+        return cls(host_rows, host_words, host_rows.to(device, copy=True), host_words.to(device, copy=True))
+
+
 class IOSlot:
     """Buffers for steps of up to ``max_tokens`` tokens and ``max_seqs`` sequences."""
 
@@ -91,6 +111,30 @@ class IOSlot:
         self.d2h_done = pipeline.event()
         self._copy_len = 0
         self._score_copy = (0, 0)
+        self.device, self.pin = device, pin
+        self.masks_copied = pipeline.event()  # the host mask buffers may be written again
+        self.masks_read = pipeline.event()  # the device mask buffers may be written again
+        self._masks: _MaskBuffers | None = None
+        self._num_masked = 0
+
+    def host_masks(self, rows: list[int], words: int) -> torch.Tensor:
+        """The host buffer to fill with the token masks of sampling ``rows`` (``words`` int32 words a row)."""
+        if self._masks is None or self._masks.host_words.shape[1] != words:
+            self._masks = _MaskBuffers.allocate(self.max_seqs, words, self.device, self.pin)
+        self.masks_copied.synchronize()
+        n = self._num_masked = len(rows)
+        self._masks.host_rows[:n] = torch.as_tensor(rows, dtype=torch.int64)
+        return self._masks.host_words[:n]
+
+    def copy_masks_to_device(self) -> None:
+        m, n = self._masks, self._num_masked
+        m.dev_words[:n].copy_(m.host_words[:n], non_blocking=True)
+        m.dev_rows[:n].copy_(m.host_rows[:n], non_blocking=True)
+
+    def token_mask(self) -> TokenMask:
+        """Device views of the masks copied by ``copy_masks_to_device``."""
+        m, n = self._masks, self._num_masked
+        return TokenMask(m.dev_rows[:n], m.dev_words[:n])
 
     def load(self, a: StepArrays, num_tokens: int, num_seqs: int, num_rows: int) -> None:
         """Write ``a`` into the host buffers, padded to ``num_tokens`` tokens, ``num_seqs`` sequences

@@ -9,6 +9,10 @@ step on CPU or with ``cuda_graphs`` off, run eagerly. A step that scores prompt 
 (``SamplingParams.prompt_logprobs``) also runs eagerly: it keeps the logits of those positions
 besides the sampling rows' and writes their logprobs to the slot's scoring outputs. Steps that
 score nothing are unchanged (same graphs, same copies).
+
+A step with constrained rows is launched ``deferred``: the forward pass (a forward-only graph, or
+eager) is enqueued at once, and its sampling, with the token masks of those rows applied to the
+logits by the reference sampler, once the masks are filled (``engine.guided`` explains why).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from transformers import PreTrainedModel
 
 from engine.model.attention import ForwardContext, set_forward_context
 from engine.runner.io_slots import DeviceStep, IOSlot
-from engine.runner.sampler import sample, score_tokens
+from engine.runner.sampler import TokenMask, sample, score_tokens
 from engine.runner.sampler_kernel import fused_sampler_available, sample_fused
 from engine.runner.step_layout import MAX_SUPPRESS, StepArrays
 from engine.runner.streams import Pipeline
@@ -37,6 +41,14 @@ class Launched:
     """Time the forward pass took inside ``launch`` (on CPU it runs there; on CUDA it is only enqueued)."""
     num_scored: int = 0
     score_top_k: int = 0
+    pending: _PendingSample | None = None
+    """A deferred step's forward outputs, until ``ModelRunner.sample`` samples them."""
+
+
+@dataclass
+class _PendingSample:
+    step: DeviceStep
+    logits: torch.Tensor
 
 
 def graph_token_sizes(max_tokens: int) -> list[int]:
@@ -71,6 +83,8 @@ class ModelRunner:
         self.max_seqs = max_seqs
         self.graph_sizes = graph_token_sizes(max_tokens) if self.use_graphs else []
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graph_logits: dict[tuple, torch.Tensor] = {}
+        """The output logits of each forward-only graph (the deferred steps')."""
         self.graph_pool = None
         self._next_slot = 0
         self.t0 = self.pipe.event(timing=True)
@@ -78,7 +92,9 @@ class ModelRunner:
             self.t0.record()
 
     # -- the pipeline -------------------------------------------------------------------------
-    def launch(self, a: StepArrays) -> Launched:
+    def launch(self, a: StepArrays, deferred: bool = False) -> Launched:
+        """Enqueue step ``a``: inputs in, forward, sampling, outputs out. ``deferred``: enqueue only the
+        forward pass; ``token_masks`` and ``sample`` then add the masked sampling and the copy out."""
         index = self._next_slot
         self._next_slot ^= 1
         slot, prev = self.slots[index], self.slots[index ^ 1]
@@ -91,23 +107,58 @@ class ModelRunner:
             pipe.h2d.wait_event(slot.compute_done)
             slot.copy_to_device()
             slot.h2d_done.record()
+        logits = None
         with pipe.on(pipe.compute):
             pipe.compute.wait_event(slot.h2d_done)
             slot.compute_start.record()
             if padded:
-                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p)
+                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p, deferred)
                 if key not in self.graphs:
                     self._capture(key, slot, prev)
                 self.graphs[key].replay()
+                logits = self.graph_logits.get(key)
             else:
-                self._forward_and_sample(slot.device_step(*sizes, a, graph=False), prev.dev_tokens)
+                step = slot.device_step(*sizes, a, graph=False)
+                if deferred:
+                    logits = self._forward(step, prev.dev_tokens)
+                else:
+                    self._sample(step, self._forward(step, prev.dev_tokens))
             slot.compute_done.record()
         inline = 0.0 if pipe.cuda else slot.compute_start.elapsed_time(slot.compute_done) / 1000
+        launched = Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k)
+        if deferred:
+            launched.pending = _PendingSample(slot.device_step(*sizes, a, graph=bool(padded)), logits)
+        else:
+            self._copy_out(slot, launched)
+        return launched
+
+    def token_masks(self, launched: Launched, rows: list[int]) -> torch.Tensor:
+        """The host buffer (int32 [len(rows), ceil(vocab / 32)]) to fill with the token masks of a deferred
+        step's sampling ``rows`` (bit ``j`` of word ``w`` allows token ``32 * w + j``)."""
+        words = -(-launched.pending.logits.shape[-1] // 32)
+        return self.slots[launched.slot].host_masks(rows, words)
+
+    def sample(self, launched: Launched) -> None:
+        """Enqueue a deferred step's sampling, with the token masks filled into ``token_masks``, and its copy out."""
+        slot, pending, pipe = self.slots[launched.slot], launched.pending, self.pipe
+        with pipe.on(pipe.h2d):
+            pipe.h2d.wait_event(slot.masks_read)
+            slot.copy_masks_to_device()
+            slot.masks_copied.record()
+        with pipe.on(pipe.compute):
+            pipe.compute.wait_event(slot.masks_copied)
+            self._sample(pending.step, pending.logits, slot.token_mask())
+            slot.masks_read.record()
+            slot.compute_done.record()
+        launched.pending = None
+        self._copy_out(slot, launched)
+
+    def _copy_out(self, slot: IOSlot, launched: Launched) -> None:
+        pipe = self.pipe
         with pipe.on(pipe.d2h):
             pipe.d2h.wait_event(slot.compute_done)
-            slot.copy_to_host(a.num_sampled, a.num_scored, a.score_top_k)
+            slot.copy_to_host(launched.num_rows, launched.num_scored, launched.score_top_k)
             slot.d2h_done.record()
-        return Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k)
 
     def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
         """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""
@@ -125,7 +176,8 @@ class ModelRunner:
 
     # -- compute ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
+    def _forward(self, step: DeviceStep, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """The forward pass of a step: its sampling rows' logits (scored prompt positions written out)."""
         # Carry-over: tokens the previous step sampled replace their placeholders, on the device.
         # (An invalid token of a failing request becomes 0: its step is discarded, the model must not see -1.)
         carried = prev_tokens[step.carry.clamp(min=0)].clamp(min=0)
@@ -149,16 +201,24 @@ class ModelRunner:
                 logits[rows:], score.targets, score.logprobs_out, score.top_ids_out, score.top_logprobs_out
             )
             logits = logits[:rows]
+        return logits
+
+    @torch.inference_mode()
+    def _sample(self, step: DeviceStep, logits: torch.Tensor, mask: TokenMask | None = None) -> None:
         st = step.sampling
         # The fused kernel is exact against the reference on the GPU for greedy and temperature
         # sampling; its top-k / top-p / min-p boundary search has not been checked there yet, so
-        # steps with those filters keep the reference (sorting) sampler.
-        fused = not (st.any_top_k_top_p or st.any_min_p)
-        use_kernel = fused and self.use_kernels and fused_sampler_available(logits.device)
-        sampler = sample_fused if use_kernel else sample
-        tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
+        # steps with those filters keep the reference (sorting) sampler, as do steps with token masks.
+        fused = mask is None and not (st.any_top_k_top_p or st.any_min_p)
+        if fused and self.use_kernels and fused_sampler_available(logits.device):
+            tokens, logprobs = sample_fused(logits, st, want_logprobs=True)
+        else:
+            tokens, logprobs = sample(logits, st, want_logprobs=True, mask=mask)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
+
+    def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
+        self._sample(step, self._forward(step, prev_tokens))
 
     def _graph_size(self, a: StepArrays) -> int:
         if not self.use_graphs or a.num_tokens > self.graph_sizes[-1]:
@@ -195,15 +255,20 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
-        _, size, any_sampling, any_top_k_top_p, any_min_p = key
+        """Capture the step of ``key``: forward and sampling, or (deferred) the forward alone, whose
+        logits stay in the graph's output tensor for the sampling launched after it."""
+        _, size, any_sampling, any_top_k_top_p, any_min_p, deferred = key
         shape = self._idle_shape(any_sampling, any_top_k_top_p, any_min_p)
         step = slot.device_step(*self._padded_sizes(size), shape, graph=True)
         stream = self.pipe.compute
+        run = self._forward if deferred else self._forward_and_sample
         # Warm-up outside the capture: Triton compiles and lazy initialisation happen here.
-        self._forward_and_sample(step, prev.dev_tokens)
+        run(step, prev.dev_tokens)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-            self._forward_and_sample(step, prev.dev_tokens)
+            logits = run(step, prev.dev_tokens)
+        if deferred:
+            self.graph_logits[key] = logits
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
         self.graphs[key] = graph
@@ -216,7 +281,7 @@ class ModelRunner:
             for size in reversed(self.graph_sizes):
                 for index in (0, 1):
                     slot, prev = self.slots[index], self.slots[index ^ 1]
-                    key = (index, size, False, False, False)
+                    key = (index, size, False, False, False, False)
                     if key not in self.graphs:
                         self._load_idle_step(slot, size)
                         self._capture(key, slot, prev)
