@@ -177,7 +177,7 @@ class LLMEngine:
             arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
             guided = self.guided is not None and self.guided.live > 0
             rows = [r for r, it in enumerate(batch.sampled) if it.seq.guide is not None] if guided else None
-            launched = self.runner.launch(arrays, deferred=bool(rows))
+            launched = self.runner.launch(arrays, deferred=True) if rows else self.runner.launch(arrays)
             self._prev_rows = {it.seq.seq_id: row for row, it in enumerate(batch.sampled)}
             prep = time.perf_counter() - started - launched.inline_compute_s
             current = _LaunchedStep(batch, launched, wall, prep, rows or None)
