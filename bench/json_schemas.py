@@ -178,13 +178,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "oneOf": [
             {
                 "type": "object",
-                "properties": {"kind": {"const": "circle"}, "r": {"type": "integer", "minimum": 1, "maximum": 9}},
+                "properties": {
+                    "kind": {"const": "circle"},
+                    "r": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
                 "required": ["kind", "r"],
                 "additionalProperties": False,
             },
             {
                 "type": "object",
-                "properties": {"kind": {"const": "square"}, "side": {"type": "integer", "minimum": 1, "maximum": 9}},
+                "properties": {
+                    "kind": {"const": "square"},
+                    "side": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
                 "required": ["kind", "side"],
                 "additionalProperties": False,
             },

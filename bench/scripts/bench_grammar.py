@@ -175,7 +175,9 @@ def walk(
     return None
 
 
-def run_library(make: Callable[[], Library], tok, vocab_size: int, eos: list[int], walks: int) -> tuple[str, float, list]:
+def run_library(
+    make: Callable[[], Library], tok, vocab_size: int, eos: list[int], walks: int
+) -> tuple[str, float, list]:
     start = time.perf_counter()
     lib = make()
     init_s = time.perf_counter() - start
@@ -223,7 +225,9 @@ def report(name: str, init_s: float, results: list[SchemaResult]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer folder")
-    parser.add_argument("--vocab-size", type=int, default=151936, help="the model's vocabulary (>= the tokenizer's)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=151936, help="the model's vocabulary (>= the tokenizer's)"
+    )
     parser.add_argument("--walks", type=int, default=5, help="random walks per schema")
     parser.add_argument("--libraries", default="xgrammar,llguidance,outlines-core")
     args = parser.parse_args(argv)
@@ -234,7 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     libraries = {"xgrammar": XGrammar, "llguidance": LLGuidance, "outlines-core": OutlinesCore}
     for name in args.libraries.split(","):
         try:
-            report(*run_library(lambda n=name: libraries[n](tok, args.vocab_size, eos), tok, args.vocab_size, eos, args.walks))
+            report(
+                *run_library(
+                    lambda n=name: libraries[n](tok, args.vocab_size, eos),
+                    tok,
+                    args.vocab_size,
+                    eos,
+                    args.walks,
+                )
+            )
         except ImportError as exc:
             print(f"{name}: not installed ({exc})")
 

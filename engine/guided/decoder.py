@@ -3,6 +3,7 @@ its tokens, and the token masks of a step's constrained rows, filled on the CPU.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,11 @@ import torch
 
 from engine.guided.compiler import GrammarCompiler
 from engine.sampling_params import SamplingParams
+
+
+def fill_threads() -> int:
+    """Threads that fill a step's masks: half this process's cores (the loop and the tokenizer keep the rest), 1 to 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 @dataclass(slots=True, eq=False)
@@ -37,7 +43,7 @@ class GuidedDecoder:
         self.compiler = GrammarCompiler(tokenizer, vocab_size, sorted(stop_ids))
         xgr = self.compiler.xgr
         self._matcher_cls = xgr.GrammarMatcher
-        self._batch = xgr.BatchGrammarMatcher(max_threads=2)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=fill_threads())
         self._usable = {json_text: self.compiler.usable_tokens(json_text) for json_text in (False, True)}
         self.live = 0
         """Samples with a matcher that have not finished: while 0, the loop skips constrained decoding."""
