@@ -31,7 +31,8 @@ def _load_tokenizer(directory: str) -> Any:
 @dataclass(frozen=True)
 class GuidedLoad:
     """Request ``i`` is guided when the running count of guided requests at ``fraction`` steps up at ``i``
-    (1.0: every request; 0.5: every other one, from the second)."""
+    (1.0: every request; 0.5: every other one, from the second; 0: none, the same model and tokenizer
+    unconstrained, as a baseline)."""
 
     schema: str
     fraction: float
@@ -50,8 +51,8 @@ class GuidedLoad:
 
 def guided_load(json_schema: str, fraction: float, tokenizer_dir: str | None = None) -> GuidedLoad:
     """``json_schema``: a schema file, or ``w2`` for ``bench.json_schemas.W2_SCHEMA``."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--guided-fraction must be in (0, 1], got {fraction}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"--guided-fraction must be in [0, 1], got {fraction}")
     text = json.dumps(W2_SCHEMA) if json_schema == "w2" else Path(json_schema).read_text()
     json.loads(text)
     directory = tokenizer_dir or DEFAULT_TOKENIZER

@@ -335,7 +335,7 @@ def cli(argv: list[str] | None = None) -> list[EngineResult]:
         "runs with the Qwen2 tokenizer and vocabulary",
     )
     parser.add_argument(
-        "--guided-fraction", type=float, default=1.0, help="the share of requests constrained"
+        "--guided-fraction", type=float, default=1.0, help="the share of requests constrained (0: a baseline)"
     )
     parser.add_argument(
         "--tokenizer", default=None, help="the Qwen2 tokenizer folder (default: BATCHGEN_QWEN2_TOKENIZER)"

@@ -107,7 +107,7 @@ class ModelRunner:
             pipe.h2d.wait_event(slot.compute_done)
             slot.copy_to_device()
             slot.h2d_done.record()
-        logits = None
+        logits, step = None, None
         with pipe.on(pipe.compute):
             pipe.compute.wait_event(slot.h2d_done)
             slot.compute_start.record()
@@ -127,7 +127,7 @@ class ModelRunner:
         inline = 0.0 if pipe.cuda else slot.compute_start.elapsed_time(slot.compute_done) / 1000
         launched = Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k)
         if deferred:
-            launched.pending = _PendingSample(slot.device_step(*sizes, a, graph=bool(padded)), logits)
+            launched.pending = _PendingSample(step or slot.device_step(*sizes, a, graph=True), logits)
         else:
             self._copy_out(slot, launched)
         return launched

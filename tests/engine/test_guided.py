@@ -86,8 +86,9 @@ def constrained_workload(max_new_tokens: int) -> list[SamplingParams]:
     return out
 
 
-def test_every_constrained_output_satisfies_its_constraint(tok_vocab):
-    llm = guided_llm(tok_vocab, num_blocks=2048, max_num_seqs=32)
+@pytest.mark.parametrize("device", devices())
+def test_every_constrained_output_satisfies_its_constraint(tok_vocab, device):
+    llm = guided_llm(tok_vocab, device, num_blocks=2048, max_num_seqs=32)
     params = constrained_workload(max_new_tokens=256)
     samples = []
     # Greedy rows apart: a step with a sampled row draws noise over the whole vocabulary for every row.
