@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config
+from transformers import PretrainedConfig, Qwen2Config
 
 from engine import build_random_model
 
@@ -75,9 +75,15 @@ CONTEXT = [
 ]
 
 
-def write_model_folder(folder: Path, tokenizer_dir: Path, device: torch.device, **shape: int) -> Path:
-    """A random-weight Qwen2-1.5B-shaped checkpoint (bf16 on CUDA; ``shape`` overrides sizes) with the
-    real tokenizer, written once."""
+def write_model_folder(
+    folder: Path,
+    tokenizer_dir: Path,
+    device: torch.device,
+    config: PretrainedConfig | None = None,
+    **shape: int,
+) -> Path:
+    """A random-weight Qwen2-1.5B-shaped checkpoint (bf16 on CUDA; ``shape`` overrides sizes; ``config``
+    another model's shape) with the real tokenizer, written once."""
     folder = Path(folder)
     if (folder / _DONE).exists():
         return folder
@@ -88,7 +94,8 @@ def write_model_folder(folder: Path, tokenizer_dir: Path, device: torch.device, 
             "Qwen2 tokenizer folder (vocab.json, merges.txt, tokenizer_config.json)"
         )
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = build_random_model(Qwen2Config(**(QWEN2_1_5B | shape)), dtype, device, seed=0)
+    config = Qwen2Config(**(QWEN2_1_5B | shape)) if config is None else config
+    model = build_random_model(config, dtype, device, seed=0)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     for path in tokenizer_dir.iterdir():

@@ -34,6 +34,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     mode: str = "auto"
     cuda_graphs: bool = True
+    fused_sampler: bool = True
+    """Sample with the fused Triton kernel on CUDA (no sort of the vocabulary; the same tokens as the
+    PyTorch sampler for the same seeds); False keeps the PyTorch (sorting) sampler."""
     fused_kernels: bool = True
     """Fuse the decoder layers of Llama-family models (RMSNorm, rotary + cache write, q/k/v and gate/up matmuls)."""
     seed: int = 0

@@ -79,6 +79,7 @@ class Worker:
             max_blocks_per_seq=-(-self.max_model_len // config.block_size),
             use_kernels=self.device.type == "cuda" and kernels_available(),
             cuda_graphs=config.cuda_graphs,
+            fused_sampler=config.fused_sampler,
         )
         self.tp: Any = None
         """Rank 0 of a tensor-parallel group: its ``engine.parallel.group.TPContext``."""

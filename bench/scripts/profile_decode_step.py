@@ -1,7 +1,18 @@
-"""CUDA kernel time of W1 decode steps by kernel (eager, sync mode), to see where a step's time goes.
+"""CUDA kernel time of a workload's steps by kernel (eager, sync mode), to see where a step's time goes.
 
-Usage (on a GPU machine): python -m bench.scripts.profile_decode_step
+Usage (on a GPU machine):
+    python -m bench.scripts.profile_decode_step [--workload w3] [--warm-steps 100] [--steps 10]
+        [--attention auto|per_token] [--sampler fused|reference] [--temperature 1 --top-p 0.95]
+
+``--attention per_token`` sends every token through the per-token kernel (the layout before the
+query-tiled prefill kernel), ``--sampler reference`` samples with the sorting PyTorch sampler: the
+same steps profiled both ways show what each change gained.
 """
+
+from __future__ import annotations
+
+import argparse
+import functools
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -10,20 +21,52 @@ from bench.workloads import WORKLOADS
 from engine import EngineConfig, LLMEngine, SamplingParams, build_random_model
 
 
-def main() -> None:
-    workload = WORKLOADS["w1"]
+def force_attention_impl(impl: str) -> None:
+    """Make the attention entry call ``paged_attention`` with ``impl`` (it imports it at call time)."""
+    import engine.model.kernels as kernels
+
+    kernels.paged_attention = functools.partial(kernels.paged_attention, impl=impl)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workload", default="w1", choices=["w1", "w2", "w3"])
+    parser.add_argument("--warm-steps", type=int, default=100, help="steps run before the profiled ones")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--attention", default="auto", choices=["auto", "per_token", "tiled"])
+    parser.add_argument("--sampler", default="fused", choices=["fused", "reference"])
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    args = parser.parse_args(argv)
+
+    if args.attention != "auto":
+        force_attention_impl(args.attention)
+    workload = WORKLOADS[args.workload]
     model = build_random_model(workload.model_config(), "bfloat16", "cuda")
-    engine = LLMEngine(model, None, EngineConfig(mode="sync", cuda_graphs=False, max_num_seqs=32))
-    for i, (prompt, _) in enumerate(workload.requests()):
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True))
-    for _ in range(100):
+    config = EngineConfig(
+        mode="sync", cuda_graphs=False, fused_sampler=args.sampler == "fused", **workload.engine
+    )
+    engine = LLMEngine(model, None, config)
+    for i, (prompt, new) in enumerate(workload.requests()):
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=new, ignore_eos=True, seed=i
+        )
+        engine.add_request(str(i), prompt, params)
+    for _ in range(args.warm_steps):
         engine.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+        for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    events = prof.key_averages()
+    total_us = sum(e.self_device_time_total for e in events) / args.steps
+    print(
+        f"{args.workload} steps {args.warm_steps}..{args.warm_steps + args.steps}, attention={args.attention}, "
+        f"sampler={args.sampler}, temperature={args.temperature}, top_p={args.top_p}: "
+        f"{total_us / 1000:.2f} ms of kernel time per step"
+    )
+    print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -175,13 +175,21 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, d]
     write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), ctx.metadata.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if ctx.use_kernels and sinks is None:
+    if ctx.use_kernels:
         from engine.model.kernels import paged_attention
 
         out = paged_attention(
-            q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap, scratch=ctx.scratch
+            q,
+            k_cache,
+            v_cache,
+            ctx.metadata,
+            scale,
+            sliding_window,
+            softcap,
+            scratch=ctx.scratch,
+            sinks=sinks,
         )
-    else:  # CPU, and attention sinks until the kernel has them
+    else:
         out = reference_paged_attention(
             q, k_cache, v_cache, ctx.metadata, scale, sliding_window, softcap, sinks
         )

@@ -135,6 +135,7 @@ if triton is not None:
         K,
         V,
         Out,
+        Sinks,
         BlockTables,
         Positions,
         t0,
@@ -160,6 +161,7 @@ if triton is not None:
         SOFTCAP: tl.constexpr,
         WINDOW: tl.constexpr,
         IEEE: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
     ):
         """Attention of ``n`` tokens from ``t0`` (one sequence) for KV head ``h``: row = token * GP + head."""
         r = tl.arange(0, ROWS)
@@ -199,6 +201,9 @@ if triton is not None:
                 stride_slot, scale, softcap, window,
                 D, BS, BN, SOFTCAP, WINDOW, IEEE, True,
             )  # fmt: skip
+        if HAS_SINKS:  # a per-head logit that joins the denominator and attends to nothing
+            sink = tl.load(Sinks + heads, mask=row_ok, other=0.0)
+            denom += tl.math.exp2(sink * 1.4426950408889634 - m)
         out = acc / denom[:, None]
         tl.store(
             Out + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -212,6 +217,7 @@ if triton is not None:
         K,
         V,
         Out,
+        Sinks,
         BlockTables,
         QuerySeq,
         Positions,
@@ -240,6 +246,7 @@ if triton is not None:
         IEEE: tl.constexpr,
         DECODE_N: tl.constexpr,
         SKIP_ALONE: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         h = tl.program_id(1)
@@ -254,17 +261,17 @@ if triton is not None:
         if n > 0:
             if n == DECODE_N:  # a decoding sequence: only the group's rows
                 _attend_tile(
-                    Q, K, V, Out, BlockTables, Positions, t0, n, seq, h,
+                    Q, K, V, Out, Sinks, BlockTables, Positions, t0, n, seq, h,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_bt,
                     scale, softcap, window,
-                    G, GP, DECODE_ROWS, D, D_PAD, BS, DECODE_BN, SOFTCAP, WINDOW, IEEE,
+                    G, GP, DECODE_ROWS, D, D_PAD, BS, DECODE_BN, SOFTCAP, WINDOW, IEEE, HAS_SINKS,
                 )  # fmt: skip
             else:
                 _attend_tile(
-                    Q, K, V, Out, BlockTables, Positions, t0, n, seq, h,
+                    Q, K, V, Out, Sinks, BlockTables, Positions, t0, n, seq, h,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_bt,
                     scale, softcap, window,
-                    G, GP, ROWS, D, D_PAD, BS, BN, SOFTCAP, WINDOW, IEEE,
+                    G, GP, ROWS, D, D_PAD, BS, BN, SOFTCAP, WINDOW, IEEE, HAS_SINKS,
                 )  # fmt: skip
 
 
@@ -312,12 +319,13 @@ def tiled_paged_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     scratch: dict | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out.
 
     ``skip_alone`` leaves the tokens that are their sequence's only new token unwritten in
     ``out`` (the per-token kernel takes them); ``mixed=False`` runs single-token tiles through the
-    prefill tile shape too (for measuring).
+    prefill tile shape too (for measuring). ``sinks`` [heads]: gpt-oss's attention sinks.
     """
     num_tokens, heads, head_dim = query.shape
     if query.stride(2) != 1:
@@ -346,6 +354,7 @@ def tiled_paged_attention(
         k_cache,
         v_cache,
         out,
+        sinks.float().contiguous() if sinks is not None else out,
         meta.block_tables,
         meta.query_seq,
         meta.positions,
@@ -374,6 +383,7 @@ def tiled_paged_attention(
         IEEE=fp32,
         DECODE_N=1 if mixed else 0,  # 0: no tile has it, every tile takes the prefill shape
         SKIP_ALONE=skip_alone,
+        HAS_SINKS=sinks is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -38,6 +38,7 @@ if triton is not None:
         K,
         V,
         Out,
+        Sinks,
         BlockTables,
         QuerySeq,
         Positions,
@@ -63,6 +64,7 @@ if triton is not None:
         IEEE: tl.constexpr,
         SPLITS: tl.constexpr,
         ALONE_ONLY: tl.constexpr = False,
+        HAS_SINKS: tl.constexpr = False,
     ):
         t = tl.program_id(0)
         h = tl.program_id(1)
@@ -120,6 +122,8 @@ if triton is not None:
             m = m_new
         heads = h * G + g
         if SPLITS == 1:
+            if HAS_SINKS:  # a per-head logit that joins the denominator and attends to nothing
+                denom += tl.exp(tl.load(Sinks + heads, mask=g < G, other=0.0) - m)
             out = acc / denom[:, None]
             tl.store(
                 Out + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -143,12 +147,14 @@ if triton is not None:
         PartialMD,
         PartialAcc,
         Out,
+        Sinks,
         stride_ot,
         stride_oh,
         H,
         D: tl.constexpr,
         D_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
     ):
         t = tl.program_id(0)
         h = tl.program_id(1)
@@ -160,7 +166,10 @@ if triton is not None:
         acc = tl.load(PartialAcc + base[:, None] * D_PAD + d[None, :])
         top = tl.max(m, axis=0)
         w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
+        total = tl.sum(denom * w, axis=0)
+        if HAS_SINKS:
+            total += tl.exp(tl.load(Sinks + h) - top)
+        out = tl.sum(acc * w[:, None], axis=0) / total
         tl.store(Out + t * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 
@@ -174,6 +183,7 @@ def paged_attention(
     softcap: float | None = None,
     impl: str = "auto",
     scratch: dict | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``attention.reference_paged_attention``: [T, heads, head_dim] in and out.
 
@@ -182,7 +192,10 @@ def paged_attention(
     both launches with fixed grids, or, when a step has so few (token, KV head) pairs that the
     keys are split over programs (flash-decoding, chosen from the token count alone), all tokens
     through the per-token kernel; ``"tiled"`` (one mixed launch) and ``"per_token"`` force one kernel.
+    ``sinks`` [heads]: a logit per head that joins each softmax's denominator (gpt-oss).
     """
+    if sinks is not None:
+        sinks = sinks.float().contiguous()
     num_tokens, heads, head_dim = query.shape
     if query.stride(2) != 1:
         query = query.contiguous()
@@ -193,7 +206,7 @@ def paged_attention(
         from engine.model.attention_kernels import tiled_paged_attention
 
         return tiled_paged_attention(
-            query, k_cache, v_cache, meta, scaling, sliding_window, softcap, scratch=scratch
+            query, k_cache, v_cache, meta, scaling, sliding_window, softcap, scratch=scratch, sinks=sinks
         )
     out = torch.empty((num_tokens, heads, head_dim), dtype=query.dtype, device=query.device)
     if num_tokens == 0:
@@ -213,6 +226,7 @@ def paged_attention(
             out=out,
             skip_alone=True,
             scratch=scratch,
+            sinks=sinks,
         )
     d_pad = triton.next_power_of_2(head_dim)
     if splits > 1:
@@ -231,6 +245,7 @@ def paged_attention(
         k_cache,
         v_cache,
         out,
+        sinks if sinks is not None else out,
         meta.block_tables,
         meta.query_seq,
         meta.positions,
@@ -256,6 +271,7 @@ def paged_attention(
         IEEE=fp32,
         SPLITS=splits,
         ALONE_ONLY=split_runs,
+        HAS_SINKS=sinks is not None,
         num_warps=4,
     )
     if splits > 1:
@@ -263,12 +279,14 @@ def paged_attention(
             partial_md,
             partial_acc,
             out,
+            sinks if sinks is not None else out,
             out.stride(0),
             out.stride(1),
             heads,
             D=head_dim,
             D_PAD=d_pad,
             SPLITS=splits,
+            HAS_SINKS=sinks is not None,
         )
     return out
 

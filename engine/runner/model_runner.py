@@ -70,6 +70,7 @@ class ModelRunner:
         max_blocks_per_seq: int,
         use_kernels: bool,
         cuda_graphs: bool,
+        fused_sampler: bool = True,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -79,6 +80,7 @@ class ModelRunner:
             IOSlot(max_tokens, max_seqs, max_blocks_per_seq, self.device, self.pipe) for _ in range(2)
         ]
         self.use_kernels = use_kernels
+        self.use_fused_sampler = fused_sampler and use_kernels and fused_sampler_available(self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and use_kernels
         self.max_seqs = max_seqs
         self.graph_sizes = graph_token_sizes(max_tokens) if self.use_graphs else []
@@ -205,15 +207,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(self, step: DeviceStep, logits: torch.Tensor, mask: TokenMask | None = None) -> None:
-        st = step.sampling
-        # The fused kernel is exact against the reference on the GPU for greedy and temperature
-        # sampling; its top-k / top-p / min-p boundary search has not been checked there yet, so
-        # steps with those filters keep the reference (sorting) sampler, as do steps with token masks.
-        fused = mask is None and not (st.any_top_k_top_p or st.any_min_p)
-        if fused and self.use_kernels and fused_sampler_available(logits.device):
-            tokens, logprobs = sample_fused(logits, st, want_logprobs=True)
+        # Steps with token masks (constrained rows) take the PyTorch sampler, which applies them.
+        if mask is None and self.use_fused_sampler:
+            tokens, logprobs = sample_fused(logits, step.sampling, want_logprobs=True)
         else:
-            tokens, logprobs = sample(logits, st, want_logprobs=True, mask=mask)
+            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
 

@@ -6,11 +6,14 @@ finiteness, the greedy argmax (after suppression) and the candidate: the argmax 
 ``uniform_noise`` does. The filters (top-k, top-p, min-p) keep a prefix of the tokens in
 descending order of scaled logit (ties by index, as the reference's sort leaves them), and the
 Gumbel-max draw over a prefix is the global candidate whenever the candidate lies in it: a cheap
-check pass decides that. Only otherwise is the prefix's boundary found, by a search over the
-values' order-preserving integer keys (each pass splits the bracket into ``NB`` bins and narrows
-it to the data of one bin), followed by one pass that picks the boundary among tied tokens and
-one pass that draws over the prefix. The launch has fixed shapes and no host syncs, so it can be
-captured in a CUDA graph.
+check pass decides that. Otherwise (a share of about 1 - top_p of the rows) the kept prefix lies
+wholly before the rejected candidate, so the draw over the tokens before it is the next
+candidate: each round is one pass that checks a candidate and draws the next (top-k alone, top-p
+alone, min-p). Only with top-k and top-p together, or after ``ROUNDS`` rounds, is the prefix's
+boundary found, by a search over the values' order-preserving integer keys (each pass splits the
+bracket into ``NB`` bins and narrows it to the data of one bin), followed by one pass that picks
+the boundary among tied tokens and one pass that draws over the prefix. The launch has fixed
+shapes and no host syncs, so it can be captured in a CUDA graph.
 
 Known differences from the reference, all at float-rounding boundaries: probability masses are
 summed in another order (a token whose mass before it equals top_p to the last bit may go either
@@ -179,6 +182,7 @@ if triton is not None:
         TILE: tl.constexpr,
         TILE_S: tl.constexpr,
         NB: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         row = tl.program_id(0)
         row_ptr = X + row.to(tl.int64) * stride_x
@@ -291,7 +295,40 @@ if triton is not None:
                         accept = accept & (e_c >= min_p)
                     else:
                         min_p = 0.0
-                    if accept == 0:
+                    if accept == 0 and (use_k & use_p) == 0:
+                        # Rounds: the kept set is a prefix of the order, so it lies wholly before a
+                        # rejected candidate; the draw over what lies before it is the next candidate.
+                        cand = c_idx
+                        rounds = tl.zeros((), tl.int32)
+                        while (accept == 0) & (rounds < ROUNDS):
+                            s_cand = tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td)
+                            k_cand = _key(s_cand)
+                            before_n = tl.zeros((), tl.int32)
+                            before_m = tl.zeros((), tl.float32)
+                            n_val = tl.full((), float("-inf"), tl.float32)
+                            n_idx = tl.zeros((), tl.int32)
+                            for start in range(0, V, TILE):
+                                idx, valid, x, xs = _load_tile(row_ptr, start, V, sup, TILE, HAS_SUP)
+                                s = tl.math.div_rn(xs, Td)
+                                key = _key(s)
+                                before = valid & ((key > k_cand) | ((key == k_cand) & (idx < cand)))
+                                before_n += tl.sum(before.to(tl.int32), axis=0)
+                                before_m += tl.sum(tl.where(before, tl.exp(s - m_s), 0.0), axis=0)
+                                v = tl.where(before, s + _gumbel(rkey, idx), float("-inf"))
+                                t_val, t_idx = tl.max(
+                                    v, axis=0, return_indices=True, return_indices_tie_break_left=True
+                                )
+                                if t_val > n_val:
+                                    n_val = t_val
+                                    n_idx = start + t_idx
+                            ok = (before_n < k_eff) & (~use_p | (before_n == 0) | (before_m / Z < top_p))
+                            if MINP:
+                                ok = ok & (tl.exp(s_cand - m_s) >= min_p)
+                            accept = ok
+                            cand = tl.where(ok, cand, n_idx)
+                            rounds += 1
+                        tok = cand
+                    if accept == 0:  # top-k with top-p, or a row the rounds did not settle: search
                         if use_p:
                             lo = tl.where(use_k, kB, KEY_LOW)
                             hi = _key(m_s).to(tl.int64)
@@ -382,6 +419,7 @@ def sample_fused(
         TILE=2048,
         TILE_S=512,
         NB=16,
+        ROUNDS=32,
         num_warps=8,
     )
     return tokens, logprobs

@@ -99,8 +99,10 @@ def test_logprobs_are_the_models_log_softmax_of_chosen_tokens():
     assert out.logprobs == pytest.approx(expected, abs=1e-4)
 
 
-def test_attention_sinks_match_transformers():
-    """gpt-oss: sinks in every softmax, alternating sliding and full attention, MoE."""
+@pytest.mark.parametrize("device", devices())
+def test_attention_sinks_match_transformers(device):
+    """gpt-oss: sinks in every softmax, alternating sliding and full attention, MoE (on CUDA
+    through the Triton kernels' sink term)."""
     import transformers
 
     from engine import LLM
@@ -116,7 +118,7 @@ def test_attention_sinks_match_transformers():
             "layer_types": ["sliding_attention", "full_attention"],
         }
     )
-    llm = LLM(config, None, dtype="float32", device="cpu", num_blocks=256, block_size=8)
+    llm = LLM(config, None, dtype="float32", device=device, num_blocks=256, block_size=8)
     with torch.no_grad():  # random sinks: with zeros they would hardly change the result
         for layer in llm.engine.model.model.layers:
             layer.self_attn.sinks.normal_(0.0, 2.0)
