@@ -116,6 +116,17 @@ class IOSlot:
         self.masks_read = pipeline.event()  # the device mask buffers may be written again
         self._masks: _MaskBuffers | None = None
         self._num_masked = 0
+        self._logits: torch.Tensor | None = None
+
+    def keep_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` copied into this slot's logits buffer (allocated on first use, ``max_seqs`` rows): the
+        fixed output of its forward-only graphs, shared by all of them instead of one tensor each."""
+        rows, vocab = logits.shape
+        if self._logits is None or self._logits.shape[1] != vocab or self._logits.dtype != logits.dtype:
+            self._logits = torch.empty((self.max_seqs, vocab), dtype=logits.dtype, device=logits.device)
+        out = self._logits[:rows]
+        out.copy_(logits)
+        return out
 
     def host_masks(self, rows: list[int], words: int) -> torch.Tensor:
         """The host buffer to fill with the token masks of sampling ``rows`` (``words`` int32 words a row)."""

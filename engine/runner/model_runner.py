@@ -86,7 +86,7 @@ class ModelRunner:
         self.graph_sizes = graph_token_sizes(max_tokens) if self.use_graphs else []
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.graph_logits: dict[tuple, torch.Tensor] = {}
-        """The output logits of each forward-only graph (the deferred steps')."""
+        """The output logits of each forward-only graph (the deferred steps'): views of its slot's buffer."""
         self.graph_pool = None
         self._next_slot = 0
         self.t0 = self.pipe.event(timing=True)
@@ -254,13 +254,19 @@ class ModelRunner:
 
     def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
         """Capture the step of ``key``: forward and sampling, or (deferred) the forward alone, whose
-        logits stay in the graph's output tensor for the sampling launched after it."""
+        logits stay in the slot's logits buffer for the sampling launched after it."""
         _, size, any_sampling, any_top_k_top_p, any_min_p, deferred = key
         shape = self._idle_shape(any_sampling, any_top_k_top_p, any_min_p)
         step = slot.device_step(*self._padded_sizes(size), shape, graph=True)
         stream = self.pipe.compute
-        run = self._forward if deferred else self._forward_and_sample
-        # Warm-up outside the capture: Triton compiles and lazy initialisation happen here.
+        if deferred:  # every forward-only graph of a slot writes into the slot's one logits buffer
+
+            def run(step: DeviceStep, prev_tokens: torch.Tensor) -> torch.Tensor:
+                return slot.keep_logits(self._forward(step, prev_tokens))
+
+        else:
+            run = self._forward_and_sample
+        # Warm-up outside the capture: Triton compiles and lazy initialisation (that buffer) happen here.
         run(step, prev.dev_tokens)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
