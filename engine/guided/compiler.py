@@ -33,6 +33,14 @@ def load_library() -> Any:
     return xgrammar
 
 
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """The tokens decoding drops (``skip_special_tokens``): the named special tokens and every added token
+    flagged special (a chat model's tool and vision markers)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    flagged = {i for i, token in added.items() if getattr(token, "special", False)}
+    return set(getattr(tokenizer, "all_special_ids", ())) | flagged
+
+
 class GrammarCompiler:
     """Compiles constraints for one tokenizer and vocabulary, with a cache.
 
@@ -47,7 +55,7 @@ class GrammarCompiler:
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self.vocab_size = vocab_size
-        self.special_ids = sorted(set(getattr(tokenizer, "all_special_ids", ())) - set(stop_ids))
+        self.special_ids = sorted(special_token_ids(tokenizer) - set(stop_ids))
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
         self.num_compiled = 0

@@ -286,3 +286,19 @@ def test_bitmask_words_unpack_to_the_allowed_tokens():
     words = rng.integers(-(2**31), 2**31, size=(3, 7), dtype=np.int64).astype(np.int32)
     expected = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :200].astype(bool)
     assert torch.equal(allowed_tokens(torch.from_numpy(words), 200), torch.from_numpy(expected))
+
+
+def test_constraints_never_use_special_tokens_nor_json_raw_control_characters(tok_vocab):
+    tok, vocab = tok_vocab
+    llm = guided_llm(tok_vocab)
+    llm.engine.compile_constraint(SamplingParams(regex="a"))
+    compiler = llm.engine.guided.compiler
+    tab = tok.encode("\t", add_special_tokens=False)
+    assert len(tab) == 1
+    specials = sorted(set(tok.all_special_ids) - {tok.eos_token_id})
+    assert specials
+    for json_text in (False, True):
+        usable = allowed_tokens(torch.from_numpy(compiler.usable_tokens(json_text))[None], vocab)[0]
+        assert not usable[specials].any() and usable[tok.eos_token_id]
+        assert bool(usable[tab[0]]) is not json_text
+        assert usable.sum() > 0.9 * len(tok)
