@@ -1,8 +1,8 @@
 """Constraints compiled into grammars (xgrammar), once per distinct constraint, and the tokens no constraint may use.
 
 The library loads on the first constrained request: an engine that never sees one never imports it.
-Compiled grammars are kept in a bounded LRU cache keyed by the constraint's kind and text, so a
-million rows that share a schema compile it once; ``compile`` is thread-safe, so a job can compile
+Compiled grammars are kept in an LRU cache keyed by the constraint's kind and text, bounded in
+bytes, so a million rows that share a schema compile it once; ``compile`` is thread-safe, so a job can compile
 a row's constraint on its request-building thread, off the engine loop.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 from engine.outputs import RequestError
 
 INSTALL_HINT = 'constrained decoding needs the grammar library: pip install -e ".[guided]" (xgrammar)'
-CACHE_SIZE = 4096
-"""Distinct compiled constraints kept (a grammar is tens of KB to a few MB)."""
+CACHE_BYTES = 512 << 20
+"""Memory the cached grammars may hold (one is a few KB to a few MB with a 152k vocabulary)."""
 JSON_OBJECT_SCHEMA = '{"type": "object", "additionalProperties": true}'
 """Any JSON object: OpenAI's ``response_format={"type": "json_object"}``."""
 
@@ -56,7 +56,8 @@ class GrammarCompiler:
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self.vocab_size = vocab_size
         self.special_ids = sorted(special_token_ids(tokenizer) - set(stop_ids))
-        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
         self.num_compiled = 0
         """Grammars compiled (cache misses), for tests and reports."""
@@ -67,17 +68,20 @@ class GrammarCompiler:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                return self._cache[key][0]
         try:
             compiled = self._compile(kind, text)
         except (RuntimeError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RequestError(f"invalid {kind}: {first}") from None
+        size = int(getattr(compiled, "memory_size_bytes", 0)) + len(text)
         with self._lock:
-            self._cache[key] = compiled
-            self.num_compiled += 1
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if key not in self._cache:
+                self._cache[key] = (compiled, size)
+                self._cache_bytes += size
+                self.num_compiled += 1
+            while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+                self._cache_bytes -= self._cache.popitem(last=False)[1][1]
         return compiled
 
     def _compile(self, kind: str, text: str) -> Any:

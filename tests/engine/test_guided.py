@@ -302,3 +302,28 @@ def test_constraints_never_use_special_tokens_nor_json_raw_control_characters(to
         assert not usable[specials].any() and usable[tok.eos_token_id]
         assert bool(usable[tab[0]]) is not json_text
         assert usable.sum() > 0.9 * len(tok)
+
+
+def test_the_grammar_cache_is_bounded_in_bytes_least_recently_used_first(small_vocab, monkeypatch):
+    from engine.guided import compiler as compiler_module
+
+    llm = guided_llm(small_vocab)
+    llm.engine.compile_constraint(SamplingParams(regex="a"))
+    compiler = llm.engine.guided.compiler
+    sizes = {}
+    for r in ("b+", "c+", "d+"):
+        before = compiler._cache_bytes
+        compiler.compile("regex", r)
+        sizes[r] = compiler._cache_bytes - before
+    monkeypatch.setattr(compiler_module, "CACHE_BYTES", sizes["c+"] + sizes["d+"])
+    compiler.compile("regex", "c+")  # used: now the most recent
+    compiled = compiler.num_compiled
+    compiler.compile("regex", "e+")  # evicts a and b+, the least recently used
+    kept = set(compiler._cache)
+    assert ("regex", "c+") in kept and ("regex", "e+") in kept
+    assert not kept & {("regex", "a"), ("regex", "b+")}
+    assert compiler._cache_bytes <= compiler_module.CACHE_BYTES
+    compiler.compile("regex", "c+")
+    assert compiler.num_compiled == compiled + 1  # c+ was kept
+    compiler.compile("regex", "b+")
+    assert compiler.num_compiled == compiled + 2  # b+ was not
