@@ -208,10 +208,12 @@ class ModelRunner:
     @torch.inference_mode()
     def _sample(self, step: DeviceStep, logits: torch.Tensor, mask: TokenMask | None = None) -> None:
         # Steps with token masks (constrained rows) take the PyTorch sampler, which applies them.
-        if mask is None and self.use_fused_sampler:
+        if mask is not None:
+            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
+        elif self.use_fused_sampler:
             tokens, logprobs = sample_fused(logits, step.sampling, want_logprobs=True)
         else:
-            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
+            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
 
