@@ -8,6 +8,7 @@ parallelism each rank builds only its shard of the model (per-parameter random w
     python -m bench.workloads w3 --modes async
     python -m bench.workloads w70b --tp 2 --modes async
     python -m bench.workloads w2 --top-logprobs 20    # + the 20 most likely tokens per generated token
+    python -m bench.workloads w2 --json-schema w2 [--guided-fraction 0.5] [--tokenizer DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from transformers import LlamaConfig, PreTrainedModel
 
 from bench.floor import weight_bytes
+from bench.guided_workload import QWEN2_VOCAB, GuidedCounts, GuidedLoad, guided_load
 from engine import CompletionOutput, EngineConfig, LLMEngine, SamplingParams, build_random_model
 from jobs.errors import JobError
 
@@ -81,12 +83,15 @@ class Workload:
     seed: int = 0
     engine: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
-    """SamplingParams fields of every request (greedy by default); EOS is always ignored."""
+    """SamplingParams fields of every request (greedy by default); EOS is ignored but by guided requests."""
+    guided: GuidedLoad | None = None
+    """A JSON schema on some requests (``bench.guided_workload``)."""
 
-    def params(self, max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            **({"temperature": 0.0} | self.sampling), max_new_tokens=max_new_tokens, ignore_eos=True
-        )
+    def params(self, max_new_tokens: int, index: int = 0) -> SamplingParams:
+        base = {"temperature": 0.0} | self.sampling
+        if self.guided is not None and self.guided.is_guided(index):
+            return SamplingParams(**base, max_new_tokens=max_new_tokens, json_schema=self.guided.schema)
+        return SamplingParams(**base, max_new_tokens=max_new_tokens, ignore_eos=True)
 
     def requests(self, count: int | None = None, seed: int | None = None) -> list[tuple[list[int], int]]:
         """(prompt ids, new tokens) of each request; other ``seed`` values give other requests of the same shape."""
@@ -99,6 +104,10 @@ class Workload:
         return out
 
     def model_config(self) -> LlamaConfig:
+        if self.guided is not None:  # the tokenizer's vocabulary and EOS
+            eos = self.guided.tokenizer().eos_token_id
+            model = self.model | {"vocab_size": QWEN2_VOCAB}
+            return LlamaConfig(**model, eos_token_id=eos, bos_token_id=None, pad_token_id=0)
         return LlamaConfig(**self.model, eos_token_id=2, bos_token_id=1, pad_token_id=0)
 
     def meta_model(self, dtype: torch.dtype, tensor_parallel_size: int = 1) -> PreTrainedModel:
@@ -165,7 +174,7 @@ def open_engine(
 
     if cfg.tensor_parallel_size == 1:
         assert model is not None
-        return build_engine(model, None, cfg)
+        return build_engine(model, workload.guided.tokenizer() if workload.guided else None, cfg)
     return build_engine(workload.model_config(), None, cfg, dtype=dtype, seed=0)
 
 
@@ -184,6 +193,7 @@ class EngineResult:
     records: list = field(default_factory=list, repr=False)
     output_bytes: int = 0
     """Bytes of what the engine hands back per sample: token ids (int32), logprobs and top alternatives."""
+    guided: GuidedCounts | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -228,9 +238,17 @@ def run_engine(
     t1 = time.perf_counter()
     if warmup:
         # Prompts that are not timed (so the prefix cache holds none of the timed ones), with the
-        # workload's sampling (so its graphs are captured before the timing starts).
-        for i, (prompt, _) in enumerate(workload.requests(count=4, seed=workload.seed + 1)):
-            engine.add_request(f"warmup-{i}", prompt, workload.params(8))
+        # workload's sampling (so its graphs are captured before the timing starts). A guided workload
+        # warms up a full batch whose lengths step down, so that the graphs of its constrained steps (one
+        # per batch size) are captured too.
+        count = cfg.max_num_seqs if workload.guided else 4
+        warm = workload.requests(count=count, seed=workload.seed + 1)
+        for i, (prompt, _) in enumerate(warm):
+            if workload.guided:
+                prompt, new = prompt[:64], 2 + (count - i) // 4
+            else:
+                new = 8
+            engine.add_request(f"warmup-{i}", prompt, workload.params(new, i))
         while engine.has_unfinished_requests():
             engine.step()
     capture = engine.graph_capture_s + time.perf_counter() - t1
@@ -242,15 +260,22 @@ def run_engine(
     requests = workload.requests() if requests is None else requests
     if ready is not None:
         ready()
+    guided = GuidedCounts() if workload.guided else None
+    mask_before = (engine.guided.fill_s, engine.guided.rows_filled) if engine.guided else (0.0, 0)
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(requests):
-        engine.add_request(str(i), prompt, workload.params(n))
+        engine.add_request(str(i), prompt, workload.params(n, i))
     generated = out_bytes = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             generated += len(out.token_ids)
             out_bytes += output_bytes(out)
+            if guided is not None and workload.guided.is_guided(int(out.request_id)):
+                guided.add(out.finish_reason, out.text)
     wall = time.perf_counter() - start
+    if guided is not None and engine.guided is not None:
+        guided.mask_s = engine.guided.fill_s - mask_before[0]
+        guided.masked_rows = engine.guided.rows_filled - mask_before[1]
     summary = engine.summary()
     records = engine.pop_step_records()
     prep = 1000 * sum(r.cpu_prep_s for r in records) / max(1, len(records))
@@ -263,6 +288,7 @@ def run_engine(
         mode, wall, generated, summary.gpu_busy, summary.steps, startup, capture, peak, prep, compute, records
     )
     result.output_bytes = out_bytes
+    result.guided = guided
     return result
 
 
@@ -272,6 +298,7 @@ def main(
     tensor_parallel_size: int = 1,
     max_num_seqs: int | None = None,
     top_logprobs: int = 0,
+    guided: GuidedLoad | None = None,
 ) -> list[EngineResult]:
     """Run workload ``name`` in each engine mode and print one line per mode.
 
@@ -279,7 +306,8 @@ def main(
     engine's ``max_top_logprobs`` set to it); the line reports the output bytes per generated token.
 
     With ``tensor_parallel_size`` > 1 each mode starts its own tensor-parallel group (rank r on GPU
-    r), whose ranks build their shards; its start-up time includes that build.
+    r), whose ranks build their shards; its start-up time includes that build. ``guided``: a JSON
+    schema on some of the requests (one GPU).
     """
     workload = WORKLOADS[name]
     if max_num_seqs is not None:  # the same requests at another concurrency
@@ -288,6 +316,11 @@ def main(
     if top_logprobs:
         workload = with_top_logprobs(workload, top_logprobs)
         name = f"{name}+top{top_logprobs}"
+    if guided is not None:
+        if tensor_parallel_size > 1:
+            raise JobError("--json-schema runs on one GPU (constrained decoding is not tensor parallel yet)")
+        workload = dataclasses.replace(workload, guided=guided)
+        name = f"{name}+{guided.label()}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     tp = tensor_parallel_size
@@ -306,7 +339,7 @@ def main(
             f"{label} {mode:5s} wall {r.wall_s:7.2f}s  {r.tokens_per_s:9.1f} tok/s  gpu_busy {r.gpu_busy:6.2%}  "
             f"steps {r.steps}  tokens {r.generated_tokens}  startup {r.startup_s:.1f}s  capture {r.capture_s:.1f}s  "
             f"peak {r.peak_memory_gb:.1f} GiB  prep {r.mean_prep_ms:.2f} ms/step  compute {r.mean_compute_ms:.2f} ms/step  "
-            f"out {r.bytes_per_token:.0f} B/tok",
+            f"out {r.bytes_per_token:.0f} B/tok" + (f"  {r.guided.summary(r.steps)}" if r.guided else ""),
             flush=True,
         )
     return results
@@ -331,6 +364,18 @@ def cli(argv: list[str] | None = None) -> list[EngineResult]:
     parser.add_argument(
         "--top-logprobs", type=int, default=0, help="every request asks for K top alternatives per token"
     )
+    parser.add_argument(
+        "--json-schema",
+        default=None,
+        help="constrain requests to this JSON schema file ('w2': bench.json_schemas.W2_SCHEMA); "
+        "runs with the Qwen2 tokenizer and vocabulary",
+    )
+    parser.add_argument(
+        "--guided-fraction", type=float, default=1.0, help="the share of requests constrained (0: a baseline)"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="the Qwen2 tokenizer folder (default: BATCHGEN_QWEN2_TOKENIZER)"
+    )
     args = parser.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     bad = set(modes) - {"async", "sync"}
@@ -338,7 +383,13 @@ def cli(argv: list[str] | None = None) -> list[EngineResult]:
         parser.error(f"--modes: use async and/or sync, got {args.modes!r}")
     if args.top_logprobs < 0:
         parser.error(f"--top-logprobs: use K >= 0, got {args.top_logprobs}")
-    return main(args.name, modes, args.tp, args.max_num_seqs, args.top_logprobs)
+    guided = None
+    if args.json_schema is not None:
+        try:
+            guided = guided_load(args.json_schema, args.guided_fraction, args.tokenizer)
+        except (OSError, ValueError) as e:
+            parser.error(f"--json-schema: {e}")
+    return main(args.name, modes, args.tp, args.max_num_seqs, args.top_logprobs, guided)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import numpy as np
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, find_stop
+from engine.guided.decoder import GuidedDecoder
 from engine.model.loader import eos_token_ids
 from engine.outputs import CompletionOutput, RequestError
 from engine.runner.model_runner import Launched
@@ -36,6 +38,8 @@ class _LaunchedStep:
     launched: Launched
     wall_start: float
     prep_s: float
+    guided_rows: list[int] | None = None
+    """Sampling rows with a constraint: the step's sampling waits for their masks (``engine.guided``)."""
 
 
 @dataclass(slots=True)
@@ -83,6 +87,9 @@ class LLMEngine:
         self._started_at: float | None = None
         self._finished_at = 0.0
         self._last_gpu_end: float | None = None
+        self.guided: GuidedDecoder | None = None
+        """Constrained decoding, built by the first constrained request."""
+        self._guided_lock = threading.Lock()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
@@ -115,6 +122,7 @@ class LLMEngine:
             raise RequestError(
                 f"min_new_tokens supports at most {MAX_SUPPRESS} EOS + stop token ids, got {len(stop_ids)}"
             )
+        compiled = self.compile_constraint(params) if params.constraint is not None else None
         for i in range(params.n):
             seed = (
                 derive_seed(params.seed, "", i)
@@ -122,6 +130,8 @@ class LLMEngine:
                 else derive_seed(self.config.seed, str(request_id), i)
             )
             seq = Sequence(self._next_seq_id, str(request_id), i, ids, params, seed, stop_ids)
+            if compiled is not None:
+                seq.guide = self.guided.start(compiled, params)
             self._next_seq_id += 1
             self.scheduler.add(seq)
             self._unfinished += 1
@@ -136,6 +146,20 @@ class LLMEngine:
             )
         if k > self.vocab_size:
             raise RequestError(f"top_logprobs={k} exceeds the model's vocabulary of {self.vocab_size} tokens")
+
+    def compile_constraint(self, params: SamplingParams):
+        """The compiled grammar of ``params``' constraint, from the cache or compiled now (thread-safe: a
+        caller may compile ahead, off the loop); RequestError if it is invalid or cannot be served."""
+        if self.config.tensor_parallel_size > 1:
+            raise RequestError("constrained decoding is not supported with tensor_parallel_size > 1 yet")
+        with self._guided_lock:
+            if self.guided is None:
+                if self.tokenizer is None:
+                    raise RequestError(
+                        "constrained decoding needs a tokenizer (each token's text): pass one to the engine"
+                    )
+                self.guided = GuidedDecoder(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self.guided.compile(params)
 
     def has_unfinished_requests(self) -> bool:
         return self._unfinished > 0
@@ -161,25 +185,33 @@ class LLMEngine:
         if self._started_at is None:
             self._started_at = started
         batch = self.scheduler.schedule()
-        launched = None
+        current = None
         if batch:
             arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
-            launched = self.runner.launch(arrays)
+            guided = self.guided is not None and self.guided.live > 0
+            rows = [r for r, it in enumerate(batch.sampled) if it.seq.guide is not None] if guided else None
+            launched = self.runner.launch(arrays, deferred=True) if rows else self.runner.launch(arrays)
             self._prev_rows = {it.seq.seq_id: row for row, it in enumerate(batch.sampled)}
-            current = _LaunchedStep(
-                batch, launched, wall, time.perf_counter() - started - launched.inline_compute_s
-            )
-        else:
-            current = None
+            prep = time.perf_counter() - started - launched.inline_compute_s
+            current = _LaunchedStep(batch, launched, wall, prep, rows or None)
         finished: list[CompletionOutput] = []
+        if self.mode == "async" and self._in_flight is not None:
+            finished = self._complete(self._in_flight)
+        if current is not None and current.guided_rows:
+            self._sample_guided(current)  # its masks follow the tokens of the step just completed
         if self.mode == "async":
-            if self._in_flight is not None:
-                finished = self._complete(self._in_flight)
             self._in_flight = current
         elif current is not None:
             finished = self._complete(current)
         self._finished_at = time.perf_counter()
         return finished
+
+    def _sample_guided(self, step: _LaunchedStep) -> None:
+        """Fill the masks of a deferred step's constrained rows, then enqueue its sampling."""
+        rows = step.guided_rows
+        masks = self.runner.token_masks(step.launched, rows)
+        self.guided.fill([step.batch.sampled[r].seq.guide for r in rows], masks)
+        self.runner.sample(step.launched)
 
     def _complete(self, step: _LaunchedStep) -> list[CompletionOutput]:
         tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
@@ -240,6 +272,12 @@ class LLMEngine:
                 seq.output_logprobs.append(lp)
             if seq.top is not None:
                 seq.top.append(top[0][row], top[1][row])
+            if seq.guide is not None and not seq.guide.accept(token):
+                seq.error = (
+                    f"token {token} at output position {len(seq.output_token_ids) - 1} breaks the constraint"
+                )
+                finished.append(self._finish(seq, "error"))
+                continue
             try:
                 reason = self._stop_reason(seq, token)
                 if reason is None and seq.params.think_end_ids and not seq.think_closed:
@@ -301,6 +339,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> CompletionOutput:
         stopped_by_string = seq.finish_reason == "stop_string"
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        if seq.guide is not None:
+            self.guided.release(seq.guide)
+            seq.guide = None
         self.scheduler.finish(seq)
         self._unfinished -= 1
         left = self._live_requests.pop(seq.request_id) - 1

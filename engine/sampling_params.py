@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_PROMPT_LOGPROBS = 20
 """Most top alternatives ``prompt_logprobs`` can ask for each prompt token."""
@@ -33,6 +35,13 @@ class SamplingParams:
     appended as known tokens (logprob 0.0 each when logprobs are asked), and generation goes on
     after them for the answer. They count towards ``max_new_tokens``. The marker is detected by its
     token ids, not by the text.
+
+    Constrained (guided) decoding, at most one of: ``json_schema`` (a JSON Schema, as a mapping or
+    its JSON text; a mapping is turned into its text), ``regex`` (the whole completion matches it),
+    ``choice`` (the completion is one of these texts) or ``grammar`` (an EBNF grammar whose rule
+    ``root`` is the completion). Each token is sampled among those the constraint allows; EOS is
+    allowed only once the constraint is complete, so a sample ends with ``"stop"`` when it is, or
+    with ``"length"`` at ``max_new_tokens`` (truncated). Needs the ``guided`` extra (xgrammar).
     """
 
     n: int = 1
@@ -51,6 +60,25 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     think_end_ids: list[int] = field(default_factory=list)
     max_think_tokens: int | None = None
+    json_schema: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """``(kind, text)`` of the constraint (kind: json_schema, regex, choice, grammar), or None.
+
+        A choice's text is the JSON list of its options."""
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice, ensure_ascii=False)
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -114,8 +142,48 @@ class SamplingParams:
                 )
         if any(t < 0 for t in self.think_end_ids):
             problems.append(f"think_end_ids must be >= 0, got {self.think_end_ids!r}")
+        problems += self._constraint_problems()
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    def _constraint_problems(self) -> list[str]:
+        if isinstance(self.json_schema, dict | bool):
+            self.json_schema = json.dumps(self.json_schema, ensure_ascii=False)
+        if self.choice is not None and not isinstance(self.choice, str):
+            self.choice = list(self.choice)
+        given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        problems = []
+        if len(given) > 1:
+            problems.append(
+                f"give at most one of json_schema, regex, choice and grammar, got {', '.join(given)}"
+            )
+        for name in ("json_schema", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                what = (
+                    "a JSON Schema (a mapping or its JSON text)"
+                    if name == "json_schema"
+                    else "a non-empty string"
+                )
+                problems.append(f"{name} must be {what}, got {value!r}")
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            problems.append(f"choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+        if given:
+            clashes = [
+                f"{name}={getattr(self, name)!r}"
+                for name, off in (("min_new_tokens", 0), ("ignore_eos", False), ("max_think_tokens", None))
+                if getattr(self, name) != off
+            ]
+            if clashes:
+                problems.append(
+                    f"{given[0]} ends the sample when the constraint is complete: it cannot be combined with "
+                    + ", ".join(clashes)
+                )
+        return problems
 
 
 def _finite(x: object) -> bool:

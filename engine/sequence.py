@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 from engine.top_logprobs import TopLogprobs
@@ -40,6 +41,8 @@ class Sequence:
     num_pending_tokens: int = 0
     discard_pending: int = 0
     think_closed: bool = False
+    guide: Any = None
+    """The constraint's matcher (``engine.guided.decoder.Guide``) of a constrained sample, until it finishes."""
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
     last_block_hash: bytes | None = None

@@ -48,6 +48,8 @@ class DataConfig:
     (before sharding), for trial runs. ``context_column`` and ``continuations_column`` are read by
     the score job only: the context (``prompt_column`` when unset) and its continuations (a list of
     texts, or one text); without a continuations column the score job scores the whole text.
+    ``json_schema_column`` names a column holding each row's JSON schema (a mapping or its JSON text;
+    a null takes ``job.sampling.json_schema``).
     """
 
     name: str = MISSING
@@ -63,6 +65,7 @@ class DataConfig:
     read_batch_rows: int = 1024
     context_column: str | None = None
     continuations_column: str | None = None
+    json_schema_column: str | None = None
 
 
 @dataclass

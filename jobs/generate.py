@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 from omegaconf import OmegaConf
 
 from engine.config import ModelConfig
+from engine.guided.compiler import load_library
+from engine.outputs import RequestError
 from engine.sampling_params import SamplingParams
 from jobs import tiny_model
 from jobs.config import RunConfig
@@ -22,6 +25,7 @@ from jobs.errors import Interrupted, JobError
 from jobs.pipeline.atomic import commit_file, fsync_dir
 from jobs.pipeline.fingerprint import fingerprint
 from jobs.pipeline.generation_loop import GenerationLoop
+from jobs.pipeline.guided import compiled_ahead, has_json_rows, load_json_schema, with_json_valid
 from jobs.pipeline.lock import run_lock
 from jobs.pipeline.manifest import CARD_NAME, config_hash, finished_run, open_run
 from jobs.pipeline.prefetch import Prefetcher
@@ -55,7 +59,12 @@ class RowKind:
     columns: Callable[[RunConfig], list[str]]
     builder: Callable[[RunConfig, SamplingParams, Any], PromptBuilder]
     loop: Callable[..., GenerationLoop] = GenerationLoop
-    schema: Any = ROW_SCHEMA
+    schema: Callable[[RunConfig, SamplingParams], pa.Schema] = lambda cfg, params: ROW_SCHEMA
+
+
+def generation_schema(cfg: RunConfig, params: SamplingParams) -> pa.Schema:
+    """The generation rows' schema: with ``json_valid`` when rows can have a JSON schema."""
+    return with_json_valid(ROW_SCHEMA) if has_json_rows(cfg, params) else ROW_SCHEMA
 
 
 GENERATION = RowKind(
@@ -63,6 +72,7 @@ GENERATION = RowKind(
     builder=lambda cfg, params, tokenizer: PromptBuilder(
         cfg.job.prompt, cfg.data, params, tokenizer, getattr(cfg.job, "reasoning", None)
     ),
+    schema=generation_schema,
 )
 
 
@@ -145,10 +155,15 @@ def run_generation(
     ``check_row`` turns rows the job refuses into error rows; ``final_step`` writes its files once the
     run is complete (also when it was complete already: a re-run rewrites them).
     """
-    params = params or cfg.job.sampling
+    params = load_json_schema(params or cfg.job.sampling)
     cfg = with_top_logprobs_limit(cfg, params)
     if not (cfg.model.builtin or cfg.model.model):
         raise JobError(EMPTY_MODEL)  # before anything is written
+    if params.constraint is not None or cfg.data.json_schema_column is not None:
+        try:
+            load_library()
+        except RequestError as e:
+            raise JobError(f"constrained generation: {e}") from None
     cfg = dataclasses.replace(cfg, shard=resolve_shard(cfg.shard))
     columns = kind.columns(cfg)
     optional = [] if CHAT_TEMPLATE_KWARGS_COLUMN in columns else [CHAT_TEMPLATE_KWARGS_COLUMN]
@@ -203,7 +218,8 @@ def _generate(
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
     engine = make_engine(cfg)
     builder = kind.builder(cfg, params, engine.tokenizer)
-    sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds, kind.schema)
+    schema = kind.schema(cfg, params)
+    sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds, schema)
     log.info(
         "%s: writing %s (shard.index=%d shard.count=%d, attempt %d, %d rows already committed; pid %d on %s)",
         cfg.job.name,
@@ -220,10 +236,8 @@ def _generate(
     max_in_flight = cfg.runner.max_in_flight or 2 * cfg.engine.max_num_seqs
     start = time.monotonic()
     rows = select_rows(source, cfg.data.limit, cfg.shard)
-    requests = Prefetcher(
-        _requests(rows, builder, state.done, stats, progress, cfg.data.id_column is not None, check_row),
-        max_in_flight,
-    )
+    specs = _requests(rows, builder, state.done, stats, progress, cfg.data.id_column is not None, check_row)
+    requests = Prefetcher(compiled_ahead(engine, specs), max_in_flight)
     with StopSignal() as stop:
         try:
             kind.loop(

@@ -18,7 +18,7 @@ def row_kind(cfg: RunConfig) -> RowKind:
         columns=lambda c: score_columns(c.job.prompt, c.data),
         builder=lambda c, params, tokenizer: ScoreBuilder(c.job.prompt, c.data, params, tokenizer),
         loop=functools.partial(ScoreLoop, top_logprobs=cfg.job.top_logprobs),
-        schema=SCORE_SCHEMA,
+        schema=lambda c, params: SCORE_SCHEMA,
     )
 
 

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, int]] = [
     ("engine.worker", 3),
     ("engine.parallel.*", 4),
     ("engine.top_logprobs", 5),
+    ("engine.guided.*", 4),  # constrained decoding: grammars and matchers, below the loop that drives them
     ("engine.*", 5),  # the loop: llm_engine, scheduler, block_manager, sequence, ...
     ("engine.build", 6),
     ("engine.llm", 7),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,23 @@ def make_config(arch: str, **overrides):
 
 def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+QWEN2_TOKENIZER_DIR = Path(
+    os.environ.get(
+        "BATCHGEN_QWEN2_TOKENIZER", Path(__file__).resolve().parents[2] / "shared/data/qwen2-tokenizer"
+    )
+)
+"""The real Qwen2 tokenizer (151,646 tokens): ``BATCHGEN_QWEN2_TOKENIZER``, else beside the checkout."""
+QWEN2_VOCAB = 151936
+
+
+def large_vocab_tokenizer() -> tuple[object, int]:
+    """(tokenizer, model vocabulary size): the real Qwen2 tokenizer with Qwen2's vocabulary where it is
+    found, else the shipped tokenizer with ``VOCAB``."""
+    if (QWEN2_TOKENIZER_DIR / "vocab.json").exists():
+        return AutoTokenizer.from_pretrained(QWEN2_TOKENIZER_DIR), QWEN2_VOCAB
+    return tokenizer(), VOCAB
 
 
 def devices() -> list:

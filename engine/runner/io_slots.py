@@ -9,6 +9,10 @@ step that scores. Buffer addresses never change, which is what CUDA graphs need.
 The top-logprobs outputs are ``[max_seqs, top_width]`` (ids int32, logprobs float32): a step whose
 rows ask for them writes every row at the full width and copies its rows back; a row that did not
 ask reads nothing of them.
+
+Token masks (constrained decoding) have their own buffers, allocated by the first step that has
+constrained rows and copied apart from the step's other inputs: they are filled after the step's
+forward pass is enqueued (``engine.guided`` says why).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from engine.model.attention import AttentionMetadata
-from engine.runner.sampler import SamplingTensors
+from engine.runner.sampler import SamplingTensors, TokenMask
 from engine.runner.step_layout import (
     FLOAT_FIELDS,
     INT_FIELDS,
@@ -63,6 +67,22 @@ class ScoreStep:
     logprobs_out: torch.Tensor  # float32 [P]
     top_ids_out: torch.Tensor  # int64 [P, top_k]
     top_logprobs_out: torch.Tensor  # float32 [P, top_k]
+
+
+@dataclass
+class _MaskBuffers:
+    """Token masks of up to one step's sampling rows: the masked rows and their bitmask words."""
+
+    host_rows: torch.Tensor
+    host_words: torch.Tensor
+    dev_rows: torch.Tensor
+    dev_words: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, words: int, device: torch.device, pin: bool) -> _MaskBuffers:
+        host_rows = torch.zeros(rows, dtype=torch.int64, pin_memory=pin)
+        host_words = torch.zeros((rows, words), dtype=torch.int32, pin_memory=pin)
+        return cls(host_rows, host_words, host_rows.to(device, copy=True), host_words.to(device, copy=True))
 
 
 class IOSlot:
@@ -112,6 +132,41 @@ class IOSlot:
         self.d2h_done = pipeline.event()
         self._copy_len = 0
         self._score_copy = (0, 0)
+        self.device, self.pin = device, pin
+        self.masks_copied = pipeline.event()  # the host mask buffers may be written again
+        self.masks_read = pipeline.event()  # the device mask buffers may be written again
+        self._masks: _MaskBuffers | None = None
+        self._num_masked = 0
+        self._logits: torch.Tensor | None = None
+
+    def keep_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` copied into this slot's logits buffer (allocated on first use, ``max_seqs`` rows): the
+        fixed output of its forward-only graphs, shared by all of them instead of one tensor each."""
+        rows, vocab = logits.shape
+        if self._logits is None or self._logits.shape[1] != vocab or self._logits.dtype != logits.dtype:
+            self._logits = torch.empty((self.max_seqs, vocab), dtype=logits.dtype, device=logits.device)
+        out = self._logits[:rows]
+        out.copy_(logits)
+        return out
+
+    def host_masks(self, rows: list[int], words: int) -> torch.Tensor:
+        """The host buffer to fill with the token masks of sampling ``rows`` (``words`` int32 words a row)."""
+        if self._masks is None or self._masks.host_words.shape[1] != words:
+            self._masks = _MaskBuffers.allocate(self.max_seqs, words, self.device, self.pin)
+        self.masks_copied.synchronize()
+        n = self._num_masked = len(rows)
+        self._masks.host_rows[:n] = torch.as_tensor(rows, dtype=torch.int64)
+        return self._masks.host_words[:n]
+
+    def copy_masks_to_device(self) -> None:
+        m, n = self._masks, self._num_masked
+        m.dev_words[:n].copy_(m.host_words[:n], non_blocking=True)
+        m.dev_rows[:n].copy_(m.host_rows[:n], non_blocking=True)
+
+    def token_mask(self) -> TokenMask:
+        """Device views of the masks copied by ``copy_masks_to_device``."""
+        m, n = self._masks, self._num_masked
+        return TokenMask(m.dev_rows[:n], m.dev_words[:n])
 
     def load(self, a: StepArrays, num_tokens: int, num_seqs: int, num_rows: int) -> None:
         """Write ``a`` into the host buffers, padded to ``num_tokens`` tokens, ``num_seqs`` sequences

@@ -14,6 +14,10 @@ A step with a row asking for top logprobs (``SamplingParams.top_logprobs``) also
 row's ``top_width`` most likely tokens and their logprobs (raw distribution) to the slot's top
 outputs and copies them back with the sampled tokens; the flag is part of the graph key, so steps
 without such a row replay the same graphs as before and copy nothing more.
+
+A step with constrained rows is launched ``deferred``: the forward pass (a forward-only graph, or
+eager) is enqueued at once, and its sampling, with the token masks of those rows applied to the
+logits by the reference sampler, once the masks are filled (``engine.guided`` explains why).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from transformers import PreTrainedModel
 
 from engine.model.attention import ForwardContext, set_forward_context
 from engine.runner.io_slots import DeviceStep, IOSlot
-from engine.runner.sampler import sample, score_tokens, top_logprobs
+from engine.runner.sampler import TokenMask, sample, score_tokens, top_logprobs
 from engine.runner.sampler_kernel import fused_sampler_available, sample_fused
 from engine.runner.step_layout import MAX_SUPPRESS, StepArrays
 from engine.runner.streams import Pipeline
@@ -45,6 +49,14 @@ class Launched:
     score_top_k: int = 0
     top: bool = False
     """The step computed its rows' top alternatives (``read_top_logprobs``)."""
+    pending: _PendingSample | None = None
+    """A deferred step's forward outputs, until ``ModelRunner.sample`` samples them."""
+
+
+@dataclass
+class _PendingSample:
+    step: DeviceStep
+    logits: torch.Tensor
 
 
 def graph_token_sizes(max_tokens: int) -> list[int]:
@@ -85,6 +97,8 @@ class ModelRunner:
         self.max_seqs = max_seqs
         self.graph_sizes = graph_token_sizes(max_tokens) if self.use_graphs else []
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graph_logits: dict[tuple, torch.Tensor] = {}
+        """The output logits of each forward-only graph (the deferred steps'): views of its slot's buffer."""
         self.graph_pool = None
         self._next_slot = 0
         self.t0 = self.pipe.event(timing=True)
@@ -92,7 +106,9 @@ class ModelRunner:
             self.t0.record()
 
     # -- the pipeline -------------------------------------------------------------------------
-    def launch(self, a: StepArrays) -> Launched:
+    def launch(self, a: StepArrays, deferred: bool = False) -> Launched:
+        """Enqueue step ``a``: inputs in, forward, sampling, outputs out. ``deferred``: enqueue only the
+        forward pass; ``token_masks`` and ``sample`` then add the masked sampling and the copy out."""
         index = self._next_slot
         self._next_slot ^= 1
         slot, prev = self.slots[index], self.slots[index ^ 1]
@@ -106,23 +122,58 @@ class ModelRunner:
             pipe.h2d.wait_event(slot.compute_done)
             slot.copy_to_device()
             slot.h2d_done.record()
+        logits, step = None, None
         with pipe.on(pipe.compute):
             pipe.compute.wait_event(slot.h2d_done)
             slot.compute_start.record()
             if padded:
-                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p, top)
+                key = (index, padded, a.any_sampling, a.any_top_k_top_p, a.any_min_p, top, deferred)
                 if key not in self.graphs:
                     self._capture(key, slot, prev)
                 self.graphs[key].replay()
+                logits = self.graph_logits.get(key)
             else:
-                self._forward_and_sample(slot.device_step(*sizes, a, graph=False), prev.dev_tokens)
+                step = slot.device_step(*sizes, a, graph=False)
+                if deferred:
+                    logits = self._forward(step, prev.dev_tokens)
+                else:
+                    self._sample(step, self._forward(step, prev.dev_tokens))
             slot.compute_done.record()
         inline = 0.0 if pipe.cuda else slot.compute_start.elapsed_time(slot.compute_done) / 1000
+        launched = Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k, top)
+        if deferred:
+            launched.pending = _PendingSample(step or slot.device_step(*sizes, a, graph=True), logits)
+        else:
+            self._copy_out(slot, launched)
+        return launched
+
+    def token_masks(self, launched: Launched, rows: list[int]) -> torch.Tensor:
+        """The host buffer (int32 [len(rows), ceil(vocab / 32)]) to fill with the token masks of a deferred
+        step's sampling ``rows`` (bit ``j`` of word ``w`` allows token ``32 * w + j``)."""
+        words = -(-launched.pending.logits.shape[-1] // 32)
+        return self.slots[launched.slot].host_masks(rows, words)
+
+    def sample(self, launched: Launched) -> None:
+        """Enqueue a deferred step's sampling, with the token masks filled into ``token_masks``, and its copy out."""
+        slot, pending, pipe = self.slots[launched.slot], launched.pending, self.pipe
+        with pipe.on(pipe.h2d):
+            pipe.h2d.wait_event(slot.masks_read)
+            slot.copy_masks_to_device()
+            slot.masks_copied.record()
+        with pipe.on(pipe.compute):
+            pipe.compute.wait_event(slot.masks_copied)
+            self._sample(pending.step, pending.logits, slot.token_mask())
+            slot.masks_read.record()
+            slot.compute_done.record()
+        launched.pending = None
+        self._copy_out(slot, launched)
+
+    def _copy_out(self, slot: IOSlot, launched: Launched) -> None:
+        pipe = self.pipe
         with pipe.on(pipe.d2h):
             pipe.d2h.wait_event(slot.compute_done)
-            slot.copy_to_host(a.num_sampled, a.num_scored, a.score_top_k, top)
+            slot.copy_to_host(launched.num_rows, launched.num_scored, launched.score_top_k, launched.top)
             slot.d2h_done.record()
-        return Launched(index, a.num_sampled, inline, a.num_scored, a.score_top_k, top)
 
     def collect(self, launched: Launched) -> tuple[list[int], list[float], float, float]:
         """Sampled tokens, their logprobs, and the step's GPU start and end (ms since the runner began)."""
@@ -145,7 +196,8 @@ class ModelRunner:
 
     # -- compute ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
+    def _forward(self, step: DeviceStep, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """The forward pass of a step: its sampling rows' logits (scored prompt positions written out)."""
         # Carry-over: tokens the previous step sampled replace their placeholders, on the device.
         # (An invalid token of a failing request becomes 0: its step is discarded, the model must not see -1.)
         carried = prev_tokens[step.carry.clamp(min=0)].clamp(min=0)
@@ -169,12 +221,24 @@ class ModelRunner:
                 logits[rows:], score.targets, score.logprobs_out, score.top_ids_out, score.top_logprobs_out
             )
             logits = logits[:rows]
-        sampler = sample_fused if self.use_fused_sampler else sample
-        tokens, logprobs = sampler(logits, step.sampling, want_logprobs=True)
+        return logits
+
+    @torch.inference_mode()
+    def _sample(self, step: DeviceStep, logits: torch.Tensor, mask: TokenMask | None = None) -> None:
+        # Steps with token masks (constrained rows) take the PyTorch sampler, which applies them.
+        if mask is not None:
+            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
+        elif self.use_fused_sampler:
+            tokens, logprobs = sample_fused(logits, step.sampling, want_logprobs=True)
+        else:
+            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
         if step.top_ids_out is not None:
             top_logprobs(logits, step.top_ids_out, step.top_logprobs_out, tokens, logprobs)
+
+    def _forward_and_sample(self, step: DeviceStep, prev_tokens: torch.Tensor) -> None:
+        self._sample(step, self._forward(step, prev_tokens))
 
     def _graph_size(self, a: StepArrays) -> int:
         if not self.use_graphs or a.num_tokens > self.graph_sizes[-1]:
@@ -214,15 +278,26 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _capture(self, key: tuple, slot: IOSlot, prev: IOSlot) -> None:
-        _, size, *flags = key
-        shape = self._idle_shape(*flags)
+        """Capture the step of ``key``: forward and sampling, or (deferred) the forward alone, whose
+        logits stay in the slot's logits buffer for the sampling launched after it."""
+        _, size, any_sampling, any_top_k_top_p, any_min_p, top, deferred = key
+        shape = self._idle_shape(any_sampling, any_top_k_top_p, any_min_p, top)
         step = slot.device_step(*self._padded_sizes(size), shape, graph=True)
         stream = self.pipe.compute
-        # Warm-up outside the capture: Triton compiles and lazy initialisation happen here.
-        self._forward_and_sample(step, prev.dev_tokens)
+        if deferred:  # every forward-only graph of a slot writes into the slot's one logits buffer
+
+            def run(step: DeviceStep, prev_tokens: torch.Tensor) -> torch.Tensor:
+                return slot.keep_logits(self._forward(step, prev_tokens))
+
+        else:
+            run = self._forward_and_sample
+        # Warm-up outside the capture: Triton compiles and lazy initialisation (that buffer) happen here.
+        run(step, prev.dev_tokens)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-            self._forward_and_sample(step, prev.dev_tokens)
+            logits = run(step, prev.dev_tokens)
+        if deferred:
+            self.graph_logits[key] = logits
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
         self.graphs[key] = graph
@@ -240,7 +315,7 @@ class ModelRunner:
             for size in reversed(self.graph_sizes):
                 for index in (0, 1):
                     slot, prev = self.slots[index], self.slots[index ^ 1]
-                    key = (index, size, False, False, False, False)
+                    key = (index, size, False, False, False, False, False)
                     if key not in self.graphs:
                         self._load_idle_step(slot, size)
                         self._capture(key, slot, prev)

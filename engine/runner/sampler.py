@@ -79,12 +79,39 @@ def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return scaled
 
 
+@dataclass
+class TokenMask:
+    """The tokens some rows may sample (constrained decoding): bit ``j`` of word ``w`` of a row allows
+    token ``32 * w + j``."""
+
+    rows: torch.Tensor  # int64 [R]: the masked sampling rows
+    words: torch.Tensor  # int32 [R, ceil(vocab / 32)]
+
+
+def allowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A bool [R, vocab_size] view of bitmask words (little-endian: byte k of word w holds tokens 32w + 8k..)."""
+    shifts = torch.arange(8, device=words.device, dtype=torch.uint8)
+    bits = (words.contiguous().view(torch.uint8).unsqueeze(-1) >> shifts) & 1
+    return bits.view(words.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """``logits`` (float32) with -inf at the tokens ``mask`` forbids in its rows (a new tensor)."""
+    rows = logits[mask.rows].masked_fill(~allowed_tokens(mask.words, logits.shape[-1]), float("-inf"))
+    return logits.index_put((mask.rows,), rows)
+
+
 def sample(
-    logits: torch.Tensor, st: SamplingTensors, want_logprobs: bool
+    logits: torch.Tensor, st: SamplingTensors, want_logprobs: bool, mask: TokenMask | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose one token per row; also the model's log-probability of each chosen token."""
+    """Choose one token per row; also the model's log-probability of each chosen token.
+
+    With ``mask``, its rows choose among the tokens it allows (the filters and the draw see only
+    those); logprobs stay those of the model's own distribution."""
     logits = logits.float()
     raw = logits
+    if mask is not None:
+        logits = apply_mask(logits, mask)
     if st.suppress.shape[1] > 0:
         index = st.suppress.clamp(min=0)
         kept = logits.gather(1, index)

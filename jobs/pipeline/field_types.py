@@ -34,6 +34,13 @@ FIELD_TYPES = {
     "list[str]": FieldType(
         pa.list_(pa.string()), lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
     ),
+    "str | None": FieldType(pa.string(), lambda v: v is None or isinstance(v, str)),
+    "list[str] | None": FieldType(
+        pa.list_(pa.string()),
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ),
+    # SamplingParams.json_schema: a mapping or its JSON text, kept as the text
+    "Any": FieldType(pa.string(), lambda v: v is None or isinstance(v, str)),
 }
 
 

@@ -22,12 +22,18 @@ def fingerprint(cfg: RunConfig, params: SamplingParams) -> dict[str, Any]:
         model = {"model": m.model, "tokenizer": m.tokenizer, "revision": m.revision}
     d = cfg.data
     sampling = dataclasses.asdict(params)
-    if sampling["prompt_logprobs"] is None:  # unset: the fingerprint of runs made before the field existed
-        del sampling["prompt_logprobs"]
+    for name in ("prompt_logprobs", "json_schema", "regex", "choice", "grammar"):
+        if sampling[name] is None:  # unset: the fingerprint of runs made before the field existed
+            del sampling[name]
     if not sampling["top_logprobs"]:  # likewise
         del sampling["top_logprobs"]
-    # The score job's settings, only when set: other jobs keep the fingerprints they had before these existed.
-    scoring = {"context_column": d.context_column, "continuations_column": d.continuations_column}
+    # The score job's settings and the schema column, only when set: runs keep the fingerprints they had
+    # before these existed.
+    scoring = {
+        "context_column": d.context_column,
+        "continuations_column": d.continuations_column,
+        "json_schema_column": d.json_schema_column,
+    }
     extra = {"top_logprobs": cfg.job.top_logprobs} if hasattr(cfg.job, "top_logprobs") else {}
     return {
         "job": cfg.job.name,

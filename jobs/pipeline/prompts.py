@@ -58,6 +58,8 @@ def input_columns(prompt: PromptConfig, data: DataConfig) -> list[str]:
         cols += [c for c in (data.messages_column, data.prompt_column) if c]
         if not (data.messages_column or data.prompt_column):
             raise JobError("set data.prompt_column, data.messages_column or job.prompt.template")
+    if data.json_schema_column:
+        cols.append(data.json_schema_column)
     if data.messages_column and not prompt.chat_template and prompt.template is None:
         raise JobError(
             "chat messages need the chat template: job.prompt.chat_template=false cannot be used with data.messages_column"
@@ -126,13 +128,17 @@ class PromptBuilder:
     def build(self, row: SourceRow, row_id: str) -> RequestSpec:
         """The request for ``row`` (``error`` set, and no tokens, when the row cannot be used)."""
         spec = RequestSpec(id=row_id, row_index=row.index, params=self.params)
-        if row.sampling:
+        sampling = row.sampling
+        schema_column = self.data.json_schema_column
+        if schema_column is not None and row.data.get(schema_column) is not None:
+            sampling = sampling | {"json_schema": row.data[schema_column]}
+        if sampling:
             try:
-                spec.params = dataclasses.replace(self.params, **row.sampling)
-                check_sampling_types(spec.params, row.sampling)
+                spec.params = dataclasses.replace(self.params, **sampling)
+                check_sampling_types(spec.params, sampling)
             except (TypeError, ValueError) as e:
                 spec.params = self.params  # the row's own values cannot be stored either
-                spec.error = f"bad sampling fields {row.sampling}: {e}"
+                spec.error = f"bad sampling fields {_short(sampling)}: {e}"
                 return spec
         if row.error is not None:
             spec.error = row.error
@@ -244,6 +250,11 @@ class PromptBuilder:
         if all(not m["content"].strip() for m in out if m["role"] not in ("system", "developer")):
             raise ValueError("messages have no content to answer")
         return out
+
+
+def _short(sampling: dict[str, Any], limit: int = 300) -> str:
+    text = repr(sampling)
+    return text if len(text) <= limit else text[:limit] + "...}"
 
 
 FIRST_ROWS_CHECKED = 32

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine.guided.compiler import JSON_OBJECT_SCHEMA
 from jobs.config import DataConfig, ShardConfig, SourceFormat
 from jobs.errors import JobError
 
@@ -326,6 +327,28 @@ OPENAI_COLUMNS = ["custom_id", "messages", "prompt", "endpoint", "model", "chat_
 CHAT_TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"
 
 
+def response_format_schema(value: Any) -> Any:
+    """The JSON schema an OpenAI ``response_format`` asks for (None for plain text); ValueError if unsupported.
+
+    ``{"type": "json_schema", "json_schema": {"schema": {...}, ...}}`` gives its schema (``name``,
+    ``strict`` and ``description`` are accepted and unused: the schema is always enforced);
+    ``{"type": "json_object"}`` any JSON object."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format json_schema has no 'schema' object")
+        return schema
+    raise ValueError(
+        f"unsupported response_format {value!r} (supported types: text, json_object, json_schema)"
+    )
+
+
 class OpenAIBatchSource(JsonlSource):
     """An OpenAI batch input file: ``{"custom_id", "method", "url", "body": {messages | prompt, sampling...}}``.
 
@@ -380,6 +403,14 @@ class OpenAIBatchSource(JsonlSource):
                     )
                 continue
             if key == "best_of" and value in (1, body.get("n", 1)):
+                continue
+            if key == "response_format":
+                try:
+                    schema = response_format_schema(value)
+                except ValueError as e:
+                    return SourceRow(index, data, error=f"{e} at {where}")
+                if schema is not None:
+                    overrides["json_schema"] = schema
                 continue
             if key not in OPENAI_SAMPLING_FIELDS:
                 return SourceRow(index, data, error=f"unsupported request field {key!r} at {where}")

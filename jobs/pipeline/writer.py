@@ -18,13 +18,16 @@ from engine.timing import StepRecord
 from jobs.errors import JobError
 from jobs.pipeline.atomic import commit_file
 from jobs.pipeline.field_types import arrow_struct_fields
+from jobs.pipeline.guided import json_valid
 from jobs.pipeline.manifest import GENERATIONS_DIR, STEPS_DIR, ChunkEntry, Manifest
 from jobs.pipeline.prompts import RequestSpec
 from jobs.pipeline.reasoning import split_reasoning
 from jobs.pipeline.row_keys import custom_id
 
-UNSTORED_SAMPLING_FIELDS = ("prompt_logprobs",)
-"""Sampling fields the generation rows do not store (the score job's; the row schema predates them)."""
+UNSTORED_SAMPLING_FIELDS = ("prompt_logprobs", "json_schema", "regex", "choice", "grammar")
+"""Sampling fields the generation rows do not store (the row schema predates them): the score job's, and
+the constraints (in the run's config and fingerprint, or the source's rows; a row of a run with JSON
+schemas says whether its completion parsed in ``json_valid``)."""
 SAMPLING_FIELDS = tuple(
     f.name for f in dataclasses.fields(SamplingParams) if f.name not in UNSTORED_SAMPLING_FIELDS
 )
@@ -68,6 +71,7 @@ def output_rows(spec: RequestSpec, outputs: list[CompletionOutput], digest: str)
         base
         | _texts(spec, out.text)
         | {
+            "json_valid": json_valid(spec.params, out.text) if out.error is None else None,
             "custom_id": custom_id(spec.id, out.index),
             "sample_index": out.index,
             "token_ids": out.token_ids,

@@ -1,10 +1,19 @@
 """W3's definition, ``python -m bench.workloads w3``, and the requests transformers is compared on."""
 
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 from bench import workloads
+from bench.guided_workload import guided_load
+from bench.json_schemas import W2_SCHEMA
 from bench.runner import transformers_requests
 from bench.workloads import WORKLOADS, cli
+
+TINY_TOKENIZER = str(Path(__file__).resolve().parents[2] / "jobs" / "assets" / "tiny-chat")
 
 
 def test_w3_is_llama3_8b_shaped_with_varied_lengths():
@@ -25,11 +34,11 @@ def test_workloads_cli_takes_w3(monkeypatch):
     seen = []
     monkeypatch.setattr(workloads, "main", lambda *args: seen.append(args) or [])
     cli(["w3", "--modes", "async"])
-    assert seen == [("w3", ("async",), 1, None, 0)]
+    assert seen == [("w3", ("async",), 1, None, 0, None)]
     cli(["w2s", "--max-num-seqs", "512"])
-    assert seen[-1] == ("w2s", ("async", "sync"), 1, 512, 0)
+    assert seen[-1] == ("w2s", ("async", "sync"), 1, 512, 0, None)
     cli(["w2", "--top-logprobs", "20", "--modes", "async"])
-    assert seen[-1] == ("w2", ("async",), 1, None, 20)
+    assert seen[-1] == ("w2", ("async",), 1, None, 20, None)
 
 
 def test_transformers_requests_are_the_first_ones_with_their_own_lengths():
@@ -47,3 +56,36 @@ def test_top_logprobs_workload_reports_its_output_bytes_per_token():
     assert w.params(8).top_logprobs == 100 and w.engine == {"max_num_seqs": 256, "max_top_logprobs": 100}
     (plain,) = workloads.main("smoke", ("sync",))
     assert plain.bytes_per_token == 4
+
+
+def test_workloads_cli_runs_a_json_schema_on_a_share_of_the_requests():
+    pytest.importorskip("xgrammar", reason='the grammar library: pip install -e ".[guided]"')
+    tokenizer = TINY_TOKENIZER
+    (result,) = cli(
+        [
+            "smoke",
+            "--json-schema",
+            "w2",
+            "--guided-fraction",
+            "0.5",
+            "--tokenizer",
+            tokenizer,
+            "--modes",
+            "async",
+        ]
+    )
+    guided = result.guided
+    assert guided.rows == 6 and guided.masked_rows > 0 and guided.mask_s > 0
+    assert guided.valid_json == guided.complete  # a complete document parses
+    plain = [n for i, (_, n) in enumerate(WORKLOADS["smoke"].requests()) if i % 2 == 0]
+    assert result.generated_tokens >= sum(plain)  # the unconstrained half keeps its exact lengths
+
+
+def test_guided_share_of_requests():
+    load = guided_load("w2", 0.5, TINY_TOKENIZER)
+    assert [load.is_guided(i) for i in range(6)] == [False, True] * 3
+    every = guided_load("w2", 1.0, load.tokenizer_dir)
+    assert all(every.is_guided(i) for i in range(10))
+    params = dataclasses.replace(WORKLOADS["w2"], guided=load).params(30, 1)
+    assert params.json_schema == json.dumps(W2_SCHEMA) and not params.ignore_eos
+    assert dataclasses.replace(WORKLOADS["w2"], guided=load).params(30, 0).ignore_eos

@@ -221,10 +221,10 @@ def test_a_plain_jsonl_read_as_an_openai_batch_file_is_refused_at_start(tmp_path
 
 
 def test_the_same_row_error_on_every_first_row_is_refused_but_a_few_bad_rows_are_error_rows(tmp_path):
-    line = {"custom_id": "c", "body": {"prompt": "hi", "response_format": {"type": "json"}}}
+    line = {"custom_id": "c", "body": {"prompt": "hi", "tools": [{"type": "function"}]}}
     path = tmp_path / "batch.jsonl"
     path.write_text("".join(json.dumps(line | {"custom_id": f"c{i}"}) + "\n" for i in range(3)))
-    with pytest.raises(JobError, match="the first 3 rows .* unsupported request field 'response_format'"):
+    with pytest.raises(JobError, match="the first 3 rows .* unsupported request field 'tools'"):
         run_generation(
             config(tmp_path, "data=openai_batch", f"data.path={path}"), make_engine=fake_factory()[1]
         )

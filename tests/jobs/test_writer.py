@@ -30,8 +30,9 @@ def test_failed_commit_leaves_neither_the_file_nor_a_temporary(tmp_path):
 
 
 def test_sampling_column_covers_every_sampling_parameter():
-    # prompt_logprobs (the score job's) is left out: the generation row schema is the one it was before.
-    assert UNSTORED_SAMPLING_FIELDS == ("prompt_logprobs",)
+    # prompt_logprobs (the score job's) and the constraints are left out: the generation row schema is the
+    # one it was before (a run with JSON schemas adds json_valid).
+    assert UNSTORED_SAMPLING_FIELDS == ("prompt_logprobs", "json_schema", "regex", "choice", "grammar")
     assert [f.name for f in SAMPLING_TYPE] == [
         f.name for f in dataclasses.fields(SamplingParams) if f.name not in UNSTORED_SAMPLING_FIELDS
     ]
