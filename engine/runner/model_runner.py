@@ -269,8 +269,10 @@ class ModelRunner:
         """One eager forward of a one-token padding step (it writes only the null block), so that a
         model whose attention asks for what is not implemented fails at start, not in a step."""
         slot, prev = self.slots[0], self.slots[1]
-        self._load_idle_step(slot, 1)
+        if self.pipe.cuda:  # the buffers were zeroed on the allocating stream: finish that first
+            torch.cuda.synchronize(self.device)
         with self.pipe.on(self.pipe.compute):
+            self._load_idle_step(slot, 1)  # on the stream that reads it
             self._forward_and_sample(
                 slot.device_step(1, 1, 1, self._idle_shape(False, False, False), graph=True), prev.dev_tokens
             )

@@ -170,7 +170,7 @@ if triton is not None:
         need = k  # the rank sought among the tokens that share the prefix (1-based)
         above = tl.zeros((), tl.int32)
         for j in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * j
+            shift = 24 - 8 * j
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, V, TILE):
                 idx, valid, x, xs = _load_tile(row_ptr, start, V, sup, TILE, HAS_SUP)
