@@ -8,6 +8,7 @@ import os
 import pytest
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent without it
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject.toml): two worker processes on a CPU machine (the suite is mostly
     single-threaded Python and subprocesses, so two cores run it about twice as fast); none on a
