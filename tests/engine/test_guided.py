@@ -118,7 +118,8 @@ def test_rows_that_reach_max_new_tokens_are_marked_truncated(tok_vocab):
     }
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=6, json_schema=schema))
     (c,) = out.outputs
-    assert c.finish_reason == "length" and len(c.token_ids) == 6 and c.text.startswith('{"text": "')
+    # The grammar allows whitespace between JSON tokens, so only the document's start is fixed.
+    assert c.finish_reason == "length" and len(c.token_ids) == 6 and c.text.lstrip().startswith("{")
     with pytest.raises(json.JSONDecodeError):
         json.loads(c.text)
 
