@@ -68,10 +68,14 @@ class Prefetcher(Generic[T]):
             raise item.error
         return item
 
-    def close(self) -> None:
-        """Stop the producer after its current item."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the producer after its current item and wait for it (up to ``timeout`` seconds): a
+        process that exits while the producer is inside native code (a source reader, a tokenizer)
+        can abort in that library's teardown ("terminate called without an active exception")."""
         self._closed.set()
         self._done = True
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
 
 class _Failure:
