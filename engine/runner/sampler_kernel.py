@@ -109,15 +109,13 @@ if triton is not None:
         m_s,
         lo,
         hi,
-        target_k,
         top_p,
         Z,
         TILE: tl.constexpr,
         NB: tl.constexpr,
         HAS_SUP: tl.constexpr,
-        BY_MASS: tl.constexpr,
     ):
-        """Narrow [lo, hi] to one key: the k-th largest (by count) or the top-p boundary (by mass).
+        """Narrow [lo, hi] to one key: the top-p boundary (by mass; top-k uses ``_kth_key``).
 
         Returns the key, the count and the mass (exp(s - m_s)) of the tokens strictly above it.
         """
@@ -147,12 +145,8 @@ if triton is not None:
             higher = bins[None, :] > bins[:, None]  # [b, b']: bin b' lies above bin b
             cnt_hi = tl.sum(tl.where(higher, cnt[None, :], 0), axis=1)
             mass_hi = tl.sum(tl.where(higher, mass[None, :], 0.0), axis=1)
-            if BY_MASS:
-                ok = (cnt > 0) & ((mass_above + mass_hi) / Z < top_p)
-                pick = tl.min(tl.where(ok, bins, NB), axis=0)
-            else:
-                ok = (above + cnt_hi < target_k) & (target_k <= above + cnt_hi + cnt)
-                pick = tl.max(tl.where(ok, bins, -1), axis=0)
+            ok = (cnt > 0) & ((mass_above + mass_hi) / Z < top_p)
+            pick = tl.min(tl.where(ok, bins, NB), axis=0)
             sel = bins == pick
             lo = tl.sum(tl.where(sel, mn, 0), axis=0).to(tl.int64)
             hi = tl.sum(tl.where(sel, mx, 0), axis=0).to(tl.int64)
@@ -351,7 +345,7 @@ if triton is not None:
                             lo = tl.where(use_k, kB, KEY_LOW)
                             hi = _key(m_s).to(tl.int64)
                             kp, above_p, mass_p = _search(
-                                row_ptr, V, sup, Td, m_s, lo, hi, 0, top_p, Z, TILE_S, NB, HAS_SUP, True
+                                row_ptr, V, sup, Td, m_s, lo, hi, top_p, Z, TILE_S, NB, HAS_SUP
                             )
                             e_p = tl.exp(_unkey(kp.to(tl.int32)) - m_s)
                             # Ties at kp: the j-th (from 0) stays while its mass before stays below top_p.
