@@ -299,6 +299,7 @@ def main(
     max_num_seqs: int | None = None,
     top_logprobs: int = 0,
     guided: GuidedLoad | None = None,
+    batch_invariant: bool = False,
 ) -> list[EngineResult]:
     """Run workload ``name`` in each engine mode and print one line per mode.
 
@@ -307,7 +308,7 @@ def main(
 
     With ``tensor_parallel_size`` > 1 each mode starts its own tensor-parallel group (rank r on GPU
     r), whose ranks build their shards; its start-up time includes that build. ``guided``: a JSON
-    schema on some of the requests (one GPU).
+    schema on some of the requests (one GPU). ``batch_invariant``: the engine's batch-invariant mode.
     """
     workload = WORKLOADS[name]
     if max_num_seqs is not None:  # the same requests at another concurrency
@@ -316,6 +317,9 @@ def main(
     if top_logprobs:
         workload = with_top_logprobs(workload, top_logprobs)
         name = f"{name}+top{top_logprobs}"
+    if batch_invariant:
+        workload = dataclasses.replace(workload, engine=workload.engine | {"batch_invariant": True})
+        name = f"{name}+invariant"
     if guided is not None:
         if tensor_parallel_size > 1:
             raise JobError("--json-schema runs on one GPU (constrained decoding is not tensor parallel yet)")
@@ -355,7 +359,7 @@ def with_top_logprobs(workload: Workload, k: int) -> Workload:
 
 
 def cli(argv: list[str] | None = None) -> list[EngineResult]:
-    """``python -m bench.workloads [name] [--tp N] [--modes async,sync] [--max-num-seqs N] [--top-logprobs K]``."""
+    """``python -m bench.workloads [name] [--tp N] [--modes async,sync] [--max-num-seqs N] [--top-logprobs K] [--batch-invariant]``."""
     parser = argparse.ArgumentParser(prog="python -m bench.workloads", description=__doc__.split("\n")[0])
     parser.add_argument("name", nargs="?", default="w2", choices=sorted(WORKLOADS))
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (rank r on GPU r)")
@@ -376,6 +380,9 @@ def cli(argv: list[str] | None = None) -> list[EngineResult]:
     parser.add_argument(
         "--tokenizer", default=None, help="the Qwen2 tokenizer folder (default: BATCHGEN_QWEN2_TOKENIZER)"
     )
+    parser.add_argument(
+        "--batch-invariant", action="store_true", help="run the engine in its batch-invariant mode"
+    )
     args = parser.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     bad = set(modes) - {"async", "sync"}
@@ -389,7 +396,7 @@ def cli(argv: list[str] | None = None) -> list[EngineResult]:
             guided = guided_load(args.json_schema, args.guided_fraction, args.tokenizer)
         except (OSError, ValueError) as e:
             parser.error(f"--json-schema: {e}")
-    return main(args.name, modes, args.tp, args.max_num_seqs, args.top_logprobs, guided)
+    return main(args.name, modes, args.tp, args.max_num_seqs, args.top_logprobs, guided, args.batch_invariant)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ class EngineConfig:
     """Most alternatives ``SamplingParams.top_logprobs`` may ask per generated token: the width of the
     top-k outputs of every step that has a row asking (a fixed width keeps CUDA graphs and copies
     shape-stable). A job raises it to its own ``sampling.top_logprobs``."""
+    batch_invariant: bool = False
+    """On CUDA, make each row's logits independent of the other rows of its step (a fixed-order Triton
+    matmul, attention without key splits; ``engine.model.batch_invariant``): a request then gives the
+    same tokens and logprobs alone or in any batch, chunking or restart. Slower; Llama-family models only."""
     seed: int = 0
     device: str = "auto"
     tensor_parallel_size: int = 1
@@ -71,5 +75,11 @@ class EngineConfig:
             problems.append(
                 f"tensor_parallel_size > 1 places rank r on GPU r: device must be auto, cuda or cpu, got {self.device!r}"
             )
+        if self.batch_invariant and self.tensor_parallel_size > 1:
+            problems.append("batch_invariant runs on one GPU: tensor_parallel_size must be 1")
+        if self.batch_invariant and not self.fused_sampler:
+            problems.append("batch_invariant samples with the fused sampler: fused_sampler must be true")
+        if self.batch_invariant and not self.fused_kernels:
+            problems.append("batch_invariant needs fused_kernels=true (it covers the fused decoder layers)")
         if problems:
             raise ValueError("invalid EngineConfig: " + "; ".join(problems))

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from engine.config import EngineConfig
 from engine.model.attention import UnsupportedAttentionError
+from engine.model.batch_invariant import check_supported
 from engine.model.fusion import fuse_model
 from engine.model.kernels import kernels_available
 from engine.model.loader import model_shape
@@ -53,6 +54,9 @@ class Worker:
         self.model, self.config = model, config
         self.device = next(model.parameters()).device
         self.fused_layers = fuse_model(model) if config.fused_kernels else 0
+        use_kernels = self.device.type == "cuda" and kernels_available()
+        if config.batch_invariant:
+            check_supported(model, self.fused_layers, use_kernels)
         shape = model_shape(model)
         self.vocab_size, self.max_model_len = shape.vocab_size, shape.max_model_len
         text_cfg = model.config.get_text_config()
@@ -77,10 +81,11 @@ class Worker:
             max_tokens=config.max_batch_tokens,
             max_seqs=config.max_num_seqs,
             max_blocks_per_seq=-(-self.max_model_len // config.block_size),
-            use_kernels=self.device.type == "cuda" and kernels_available(),
+            use_kernels=use_kernels,
             cuda_graphs=config.cuda_graphs,
             fused_sampler=config.fused_sampler,
             top_width=min(config.max_top_logprobs, shape.vocab_size),
+            batch_invariant=config.batch_invariant,
         )
         self.tp: Any = None
         """Rank 0 of a tensor-parallel group: its ``engine.parallel.group.TPContext``."""

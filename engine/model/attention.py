@@ -53,6 +53,8 @@ class ForwardContext:
         tuple[torch.Tensor, torch.Tensor]
     ]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
     use_kernels: bool = False
+    batch_invariant: bool = False
+    """Attention in the kernel whose reduction order depends on the query alone (``engine.model.batch_invariant``)."""
     scratch: dict = field(default_factory=dict)
     """Per-pass values that every layer shares (the attention kernels' tile table), built on first use."""
 
@@ -186,6 +188,7 @@ def paged_attention_forward(
             scale,
             sliding_window,
             softcap,
+            impl="invariant" if ctx.batch_invariant else "auto",
             scratch=ctx.scratch,
             sinks=sinks,
         )

@@ -95,7 +95,10 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     if ctx.use_kernels:
         from engine.model.kernels import paged_attention
 
-        out = paged_attention(q, k_cache, v_cache, meta, self.scaling, window, None, scratch=ctx.scratch)
+        impl = "invariant" if ctx.batch_invariant else "auto"
+        out = paged_attention(
+            q, k_cache, v_cache, meta, self.scaling, window, None, impl=impl, scratch=ctx.scratch
+        )
     else:
         out = reference_paged_attention(q, k_cache, v_cache, meta, self.scaling, window, None)
     return self.o_proj(out.reshape(1, tokens, heads * d)), None

@@ -191,7 +191,9 @@ def paged_attention(
     per-token kernel and every other token through the query-tiled kernel (``attention_kernels``),
     both launches with fixed grids, or, when a step has so few (token, KV head) pairs that the
     keys are split over programs (flash-decoding, chosen from the token count alone), all tokens
-    through the per-token kernel; ``"tiled"`` (one mixed launch) and ``"per_token"`` force one kernel.
+    through the per-token kernel; ``"tiled"`` (one mixed launch) and ``"per_token"`` force one kernel;
+    ``"invariant"`` is the per-token kernel without the split, whatever the step: a token's result then
+    depends on its own query and keys alone (``engine.model.batch_invariant``).
     ``sinks`` [heads]: a logit per head that joins each softmax's denominator (gpt-oss).
     """
     if sinks is not None:
@@ -201,7 +203,7 @@ def paged_attention(
         query = query.contiguous()
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
-    splits = _num_splits(num_tokens * kv_heads, query.device) if num_tokens else 1
+    splits = _num_splits(num_tokens * kv_heads, query.device) if num_tokens and impl != "invariant" else 1
     if impl == "tiled":
         from engine.model.attention_kernels import tiled_paged_attention
 

@@ -22,6 +22,7 @@ logits by the reference sampler, once the masks are filled (``engine.guided`` ex
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.model.attention import ForwardContext, set_forward_context
+from engine.model.batch_invariant import BatchInvariantMode
 from engine.runner.io_slots import DeviceStep, IOSlot
 from engine.runner.sampler import TokenMask, sample, score_tokens, top_logprobs
 from engine.runner.sampler_kernel import fused_sampler_available, sample_fused
@@ -80,8 +82,10 @@ class ModelRunner:
         cuda_graphs: bool,
         fused_sampler: bool = True,
         top_width: int = 0,
+        batch_invariant: bool = False,
     ):
-        """``top_width``: the top alternatives a step computes per row when one asks (0: never)."""
+        """``top_width``: the top alternatives a step computes per row when one asks (0: never).
+        ``batch_invariant``: forward passes in ``engine.model.batch_invariant``'s mode."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = next(model.parameters()).device
@@ -92,6 +96,7 @@ class ModelRunner:
         ]
         self.top_width = top_width
         self.use_kernels = use_kernels
+        self.batch_invariant = batch_invariant
         self.use_fused_sampler = fused_sampler and use_kernels and fused_sampler_available(self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and use_kernels
         self.max_seqs = max_seqs
@@ -204,14 +209,17 @@ class ModelRunner:
         input_ids = torch.where(step.carry >= 0, carried, step.input_ids)
         score = step.score
         keep = step.logits_indices if score is None else torch.cat([step.logits_indices, score.indices])
-        set_forward_context(ForwardContext(step.metadata, self.kv_caches, self.use_kernels))
+        set_forward_context(
+            ForwardContext(step.metadata, self.kv_caches, self.use_kernels, self.batch_invariant)
+        )
         try:
-            out = self.model(
-                input_ids=input_ids[None],
-                position_ids=step.metadata.positions[None],
-                logits_to_keep=keep,
-                use_cache=False,
-            )
+            with BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext():
+                out = self.model(
+                    input_ids=input_ids[None],
+                    position_ids=step.metadata.positions[None],
+                    logits_to_keep=keep,
+                    use_cache=False,
+                )
         finally:
             set_forward_context(None)
         logits = out.logits[0]
