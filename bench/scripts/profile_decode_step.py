@@ -3,6 +3,7 @@
 Usage (on a GPU machine):
     python -m bench.scripts.profile_decode_step [--workload w3] [--warm-steps 100] [--steps 10]
         [--attention auto|per_token] [--sampler fused|reference] [--temperature 1 --top-p 0.95]
+        [--batch-invariant]
 
 ``--attention per_token`` sends every token through the per-token kernel (the layout before the
 query-tiled prefill kernel), ``--sampler reference`` samples with the sorting PyTorch sampler: the
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default="fused", choices=["fused", "reference"])
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
     args = parser.parse_args(argv)
 
     if args.attention != "auto":
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     workload = WORKLOADS[args.workload]
     model = build_random_model(workload.model_config(), "bfloat16", "cuda")
     config = EngineConfig(
-        mode="sync", cuda_graphs=False, fused_sampler=args.sampler == "fused", **workload.engine
+        mode="sync",
+        cuda_graphs=False,
+        fused_sampler=args.sampler == "fused",
+        batch_invariant=args.batch_invariant,
+        **workload.engine,
     )
     engine = LLMEngine(model, None, config)
     for i, (prompt, new) in enumerate(workload.requests()):

@@ -97,13 +97,17 @@ def matmul_config(n: int, k: int, dtype: torch.dtype) -> dict:
     return dict(BM=64, BN=128 if n >= 8192 else 64, BK=64, num_warps=4, num_stages=4)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with a reduction order that does not depend on ``x``'s row count (CUDA, Triton)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None
+) -> torch.Tensor:
+    """``F.linear`` with a reduction order that does not depend on ``x``'s row count (CUDA, Triton).
+
+    ``config`` replaces :func:`matmul_config`'s choice (for measuring other tile sizes)."""
     out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features)
     out = torch.empty((rows.shape[0], out_features), dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        cfg = matmul_config(out_features, in_features, weight.dtype)
+        cfg = config or matmul_config(out_features, in_features, weight.dtype)
         grid = (triton.cdiv(rows.shape[0], cfg["BM"]) * triton.cdiv(out_features, cfg["BN"]),)
         _matmul_kernel[grid](
             rows, weight, bias if bias is not None else out, out,
