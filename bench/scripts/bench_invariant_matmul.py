@@ -5,8 +5,8 @@ Usage (on a GPU machine):
 
 For each weight shape (q/k/v, o, gate/up, down, LM head of Llama-3.2-1B and Llama-3-8B) and row
 count, prints cuBLAS (``F.linear``) and ``batch_invariant.linear`` in microseconds. ``--sweep``
-also times other tile configurations and prints, per shape, the one with the least total time
-over the row counts (a config may depend on the weight's shape only, never on the row count).
+also times other tile configurations and prints, per shape and row count, the three fastest
+(times at every row count), and the one with the least total time (a config may depend on the weight's shape only, never on the row count).
 """
 
 from __future__ import annotations
@@ -47,8 +47,11 @@ def time_us(fn, reps: int = 20) -> float:
 
 def candidates() -> list[dict]:
     out = []
-    for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4)):
-        if bn == 256 and bk == 128 or bm == 128 and bn == 256 and stages == 4:
+    for bm, bn, bk, warps, stages in itertools.product(
+        (64, 128), (32, 64, 128, 256), (64, 128), (4, 8), (3, 4, 5)
+    ):
+        smem = (bm + bn) * bk * 2 * stages
+        if smem > 200_000:
             continue  # more shared memory than an SM has
         out.append(dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages))
     return out
@@ -73,21 +76,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:12s} {matmul_config(n, k, dtype)}  cuBLAS / invariant  {cells}", flush=True)
         if not args.sweep:
             continue
-        best = None
+        timed = []
         for cfg in candidates():
             try:
-                total = sum(
+                times = [
                     time_us(lambda x=x, c=cfg, w=weight: linear(x, w, config=c), reps=10) for x in xs.values()
-                )
+                ]
             except Exception as exc:  # a config the GPU cannot run (shared memory)
                 print(f"  {cfg}: {type(exc).__name__}", flush=True)
                 continue
-            if best is None or total < best[0]:
-                best = (total, cfg)
-        print(
-            f"  best {best[1]}: {best[0]:.1f} us over M={list(xs)} (cuBLAS {sum(cublas.values()):.1f})",
-            flush=True,
-        )
+            timed.append((times, cfg))
+        for i, m in enumerate(xs):
+            for times, cfg in sorted(timed, key=lambda t, i=i: t[0][i])[:3]:
+                cells = " ".join(f"{t:7.1f}" for t in times)
+                print(f"  best at M={m}: {cells} us  {cfg}", flush=True)
+        times, cfg = min(timed, key=lambda t: sum(t[0]))
+        print(f"  best in total: {' '.join(f'{t:7.1f}' for t in times)} us  {cfg}", flush=True)
 
 
 if __name__ == "__main__":
