@@ -91,10 +91,17 @@ if triton is not None:
 
 def matmul_config(n: int, k: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options for a weight of ``n`` rows and ``k`` columns: a function of the
-    weight alone, so every row count runs the same instructions per output element."""
+    weight alone, so every row count runs the same instructions per output element.
+
+    Measured on an H200 (``python -m bench.scripts.bench_invariant_matmul --sweep``): 128 x 128 tiles
+    with 8 warps are the fastest at 2,048 rows for every projection of Llama-3.2-1B and Llama-3-8B,
+    and for the wide weights (gate/up, LM head) at 256 rows; narrow weights keep 64 x 64 tiles, which
+    give a decode step of a few hundred rows enough programs to fill the GPU."""
     if dtype == torch.float32:
         return dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3)
-    return dict(BM=64, BN=128 if n >= 8192 else 64, BK=64, num_warps=4, num_stages=4)
+    if n > 4096:
+        return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+    return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)
 
 
 def linear(
