@@ -3,9 +3,12 @@
 Measures what the async loop must hide behind the GPU's step time: scheduling, building the
 step's inputs, loading an I/O slot and processing the sampled tokens; and, within that, the
 prefix-cache keys (SHA-256 of each full block, ``engine.block_manager.block_hash``).
-Usage: python -m bench.scripts.engine_cpu_overhead
+Usage: python -m bench.scripts.engine_cpu_overhead [--temperature 1 --top-p 0.95] [--profile]
 """
 
+import argparse
+import cProfile
+import pstats
 import random
 import time
 
@@ -32,7 +35,12 @@ class TimedBlockHash:
         return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--profile", action="store_true", help="print the functions that take the time")
+    args = parser.parse_args(argv)
     cfg = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -63,20 +71,33 @@ def main() -> None:
         engine.add_request(
             str(i),
             prompt,
-            SamplingParams(temperature=0, max_new_tokens=rng.randint(64, 512), ignore_eos=True),
+            SamplingParams(
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=i,
+                max_new_tokens=rng.randint(64, 512),
+                ignore_eos=True,
+            ),
         )
     timed = TimedBlockHash()
     block_manager_module.block_hash = timed  # the module function the engine's BlockManager calls
+    profiler = cProfile.Profile() if args.profile else None
     steps, start = 0, time.perf_counter()
+    if profiler:
+        profiler.enable()
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
+    if profiler:
+        profiler.disable()
     per_step = (time.perf_counter() - start) / steps
     print(f"{steps} steps, {per_step * 1000:.2f} ms of CPU per step")
     print(
         f"prefix-cache keys: {timed.calls} blocks, {timed.seconds / timed.calls * 1e6:.2f} us per block, "
         f"{timed.seconds / steps * 1e6:.1f} us per step ({timed.seconds / steps / per_step:.1%} of the step)"
     )
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
