@@ -34,11 +34,13 @@ def test_workloads_cli_takes_w3(monkeypatch):
     seen = []
     monkeypatch.setattr(workloads, "main", lambda *args: seen.append(args) or [])
     cli(["w3", "--modes", "async"])
-    assert seen == [("w3", ("async",), 1, None, 0, None)]
+    assert seen == [("w3", ("async",), 1, None, 0, None, False)]
     cli(["w2s", "--max-num-seqs", "512"])
-    assert seen[-1] == ("w2s", ("async", "sync"), 1, 512, 0, None)
+    assert seen[-1] == ("w2s", ("async", "sync"), 1, 512, 0, None, False)
     cli(["w2", "--top-logprobs", "20", "--modes", "async"])
-    assert seen[-1] == ("w2", ("async",), 1, None, 20, None)
+    assert seen[-1] == ("w2", ("async",), 1, None, 20, None, False)
+    cli(["w2", "--batch-invariant"])
+    assert seen[-1] == ("w2", ("async", "sync"), 1, None, 0, None, True)
 
 
 def test_transformers_requests_are_the_first_ones_with_their_own_lengths():
