@@ -45,6 +45,7 @@ SETTINGS = ["job=synthetic_data", "engine.max_num_seqs=2", "checkpoint.rows=2", 
 SLOW = {"BATCHGEN_FAULTS": "manifest-write:sleep=2"}
 SETUP = 'hydra.launcher.setup=["if [ 0$SLURM_RESTART_COUNT -gt 0 ]; then unset BATCHGEN_FAULTS; fi"]'
 DOCS = ROOT / "docs" / "jobs.md"
+TIME_LIMIT_ROWS = 24  # source rows of the time-limit scenario
 
 
 def cluster_problem() -> str | None:
@@ -210,8 +211,9 @@ def time_limit_run(
     """One task with a one-minute limit and a 10 s signal delay, started after the interrupted array, beside it.
 
     Slurm checks time limits every 30 s and sends the signal up to that much early, so USR2 comes
-    20 to 50 s after the start and the limit is enforced at 60 to 90 s; the first attempt (12 commits
-    of at least 2 s after the model loads) is still running at 50 s.
+    20 to 50 s after the start and the limit is enforced at 60 to 90 s. The first attempt is still
+    running at 50 s: after the model loads, each commit sleeps 4 s, and the background writer
+    commits two source rows at a time, so its TIME_LIMIT_ROWS rows take a minute to commit.
     """
     root = tmp_path_factory.mktemp("timelimit")
     args = slurm_args(
@@ -219,7 +221,7 @@ def time_limit_run(
         models_dir,
         "bg-timelimit",
         1,
-        12,
+        TIME_LIMIT_ROWS,
         "hydra.launcher.timeout_min=1",
         "hydra.launcher.signal_delay_s=10",
     )
@@ -429,7 +431,7 @@ def test_time_limit_signals_before_the_limit_and_the_task_finishes_in_a_later_at
     assert "Job has timed out" in log and "Requeued job" in log
     task_logs = "".join(p.read_text() for p in (root / RUN / ".submitit").rglob("*.err"))
     assert "DUE TO TIME LIMIT" not in task_logs, "stopped by the signal, not killed at the limit"
-    shard_rows(root, 0, 1, 12)
+    shard_rows(root, 0, 1, TIME_LIMIT_ROWS)
 
 
 # Without a cluster: the launcher's choice of watcher and the squeue watcher's reading.
