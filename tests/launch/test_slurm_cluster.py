@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from hydra_plugins.batchgen_launcher import launchers
-from jobs_helpers import PROMPTS, ROOT, cli_env, read_rows, rows_by_custom_id, run_cli
+from jobs_helpers import PROMPTS, ROOT, PreloadedCli, PreloadedRun, read_rows, rows_by_custom_id
 
 RUN = Path("synthetic_data") / "tiny-chat-tiny-prompts"
 SAMPLES = 2  # job=synthetic_data's sampling.n
@@ -152,12 +152,12 @@ def job_state(job_id: str) -> str:
     return out.stdout.strip()
 
 
-def committed_mid_run(root: Path, index: int, count: int, rows: int, proc: subprocess.Popen) -> dict:
+def committed_mid_run(root: Path, index: int, count: int, rows: int, proc: PreloadedRun) -> dict:
     """Wait for shard ``index`` to commit ``rows`` rows; its manifest then (the shard not complete)."""
     seen: dict = {}
 
     def enough() -> bool:
-        assert proc.poll() is None, proc.communicate()[0]
+        assert proc.poll() is None, "".join(proc.communicate())
         seen.update(manifest(root, index, count) or {})
         return committed(seen) >= rows
 
@@ -174,21 +174,16 @@ def slurm(*args: str) -> None:
 class Multirun:
     """``python run.py <args>`` in the background, its output collected; ``name`` is its array's name."""
 
-    def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cli: PreloadedCli, args: list[str], name: str, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "run.py", *args],
-            cwd=ROOT,
-            env=cli_env() | (env or {}),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.proc = cli.start(args, env)
         self.output: str | None = None
 
     def wait(self, timeout: float = 240) -> int:
         if self.output is None:
-            self.output, _ = self.proc.communicate(timeout=timeout)
+            self.output = "".join(self.proc.communicate(timeout=timeout))
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -206,7 +201,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def time_limit_run(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, preloaded_cli: PreloadedCli
 ) -> Iterator[tuple[Path, Multirun]]:
     """One task with a one-minute limit and a 10 s signal delay, started after the interrupted array, beside it.
 
@@ -225,7 +220,7 @@ def time_limit_run(
         "hydra.launcher.timeout_min=1",
         "hydra.launcher.signal_delay_s=10",
     )
-    run = Multirun(args, "bg-timelimit", env={"BATCHGEN_FAULTS": "manifest-write:sleep=4"})
+    run = Multirun(preloaded_cli, args, "bg-timelimit", env={"BATCHGEN_FAULTS": "manifest-write:sleep=4"})
     yield root, run
     run.kill()
 
@@ -236,6 +231,7 @@ def three_tasks(
     models_dir: Path,
     time_limit_run: tuple[Path, Multirun],
     interrupted_start: tuple[Path, list[str], Multirun, Future],
+    preloaded_cli: PreloadedCli,
 ) -> Iterator[tuple[Path, Multirun, str, Path]]:
     """A 3-task array, and the docs' dependent merge (``sbatch --dependency=afterok:<array>``) submitted meanwhile.
 
@@ -246,7 +242,7 @@ def three_tasks(
     interrupted_start[3].result(timeout=240)
     root = tmp_path_factory.mktemp("three")
     cleanup: list[str] = []
-    run = Multirun(slurm_args(root, models_dir, "bg-three", 3, 9), "bg-three")
+    run = Multirun(preloaded_cli, slurm_args(root, models_dir, "bg-three", 3, 9), "bg-three")
     try:
         array = array_id("bg-three")
         merge_log = root / "merge.out"
@@ -286,7 +282,7 @@ def dependent_merge_recipe() -> str:
     return lines[0]
 
 
-def interrupt(root: Path, proc: subprocess.Popen) -> dict[str, dict]:
+def interrupt(root: Path, proc: PreloadedRun) -> dict[str, dict]:
     """Once each has committed rows: USR2 to task 0, ``scontrol requeue`` task 1, cancel task 2.
 
     Returns task 1's committed rows as they were just before its requeue.
@@ -304,12 +300,12 @@ def interrupt(root: Path, proc: subprocess.Popen) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def interrupted_start(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, preloaded_cli: PreloadedCli
 ) -> Iterator[tuple[Path, list[str], Multirun, Future]]:
     """The array of ``interrupted_array`` started, its interruptions sent from a thread as soon as due."""
     root = tmp_path_factory.mktemp("interrupted")
     args = slurm_args(root, models_dir, "bg-interrupted", 3, 18)
-    run = Multirun(args, "bg-interrupted", env=SLOW)
+    run = Multirun(preloaded_cli, args, "bg-interrupted", env=SLOW)
     with ThreadPoolExecutor(1) as pool:
         try:
             yield root, args, run, pool.submit(interrupt, root, run.proc)
@@ -318,7 +314,9 @@ def interrupted_start(
 
 
 @pytest.fixture(scope="module")
-def interrupted_array(interrupted_start: tuple[Path, list[str], Multirun, Future]) -> dict:
+def interrupted_array(
+    interrupted_start: tuple[Path, list[str], Multirun, Future], preloaded_cli: PreloadedCli
+) -> dict:
     """A 3-task array: task 0 gets USR2, task 1 a hard requeue, task 2 is cancelled; then merge, and the command again."""
     root, args, run, interrupted = interrupted_start
     requeued_rows = interrupted.result(timeout=240)
@@ -326,8 +324,8 @@ def interrupted_array(interrupted_start: tuple[Path, list[str], Multirun, Future
     # the launcher may return as soon as task 2 is known cancelled: wait for the requeued tasks
     for i in (0, 1):
         wait_until(f"shard {i} to complete", lambda i=i: (manifest(root, i, 3) or {}).get("complete"))
-    merge = run_cli(["job=merge", f"run_dir={root / RUN}"], timeout=120)
-    again = run_cli(args, timeout=240)
+    merge = preloaded_cli.run(["job=merge", f"run_dir={root / RUN}"], timeout=120)
+    again = preloaded_cli.run(args, timeout=240)
     return {
         "root": root,
         "status": status,
@@ -340,7 +338,7 @@ def interrupted_array(interrupted_start: tuple[Path, list[str], Multirun, Future
 
 @pytest.mark.slurm
 @needs_cluster
-def test_three_task_array_writes_every_row_once_then_merges(three_tasks):
+def test_three_task_array_writes_every_row_once_then_merges(three_tasks, preloaded_cli):
     root, run, _, _ = three_tasks
     assert run.wait() == 0, run.output
     assert "Bypassing sacct error" not in run.output and "storage is disabled" not in run.output, (
@@ -353,7 +351,7 @@ def test_three_task_array_writes_every_row_once_then_merges(three_tasks):
         assert not rows.keys() & part.keys()
         rows |= part
     assert len(rows) == 9 * SAMPLES
-    merge = run_cli(["job=merge", f"run_dir={root / RUN}"])
+    merge = preloaded_cli.run(["job=merge", f"run_dir={root / RUN}"])
     assert merge.returncode == 0, merge.stderr
     assert "3 shard(s) complete | 18 rows" in merge.stderr
     assert (root / RUN / "README.md").exists()
