@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from jobs.pipeline.fingerprint import fingerprint
 from jobs.pipeline.generation_loop import GenerationLoop
 from jobs.pipeline.guided import compiled_ahead, has_json_rows, load_json_schema, with_json_valid
 from jobs.pipeline.lock import run_lock
-from jobs.pipeline.manifest import CARD_NAME, config_hash, finished_run, open_run
+from jobs.pipeline.manifest import CARD_NAME, Manifest, config_hash, finished_run, open_run
 from jobs.pipeline.prefetch import Prefetcher
 from jobs.pipeline.progress import Progress, RunStats
 from jobs.pipeline.prompts import PromptBuilder, RequestSpec, check_columns, check_first_rows, input_columns
@@ -238,6 +239,8 @@ def _generate(
     rows = select_rows(source, cfg.data.limit, cfg.shard)
     specs = _requests(rows, builder, state.done, stats, progress, cfg.data.id_column is not None, check_row)
     requests = Prefetcher(compiled_ahead(engine, specs), max_in_flight)
+    # Until the completion marker is written, a stop signal ends the run as interrupted (the rows are
+    # committed, a preempted task is requeued); outside this block it would reach the previous handler.
     with StopSignal() as stop:
         try:
             kind.loop(
@@ -253,22 +256,38 @@ def _generate(
         finally:
             requests.close()
             progress.close()
-    stats.wall_s = time.monotonic() - start
-    stats.gpu_busy = engine.summary().gpu_busy
-    device = getattr(engine, "device", None)
-    stats.device = getattr(device, "type", None)
-    if stats.complete:
-        state.manifest.complete = True
-        state.manifest.save()
-        if final_step is not None:
+        stats.wall_s = time.monotonic() - start
+        stats.gpu_busy = engine.summary().gpu_busy
+        device = getattr(engine, "device", None)
+        stats.device = getattr(device, "type", None)
+        if stats.complete:
+            stats.complete = _mark_complete(state.manifest, stop)
+        if stats.complete and final_step is not None:
             final_step.write(out_dir)
     log.info("%s: %s", cfg.job.name, stats.summary())
     if stop.signum is not None:
-        raise Interrupted(
-            stop.signum,
-            f"interrupted: committed {state.manifest.rows} rows to {out_dir}; run the same command again to resume",
+        if not stats.complete:
+            raise Interrupted(
+                stop.signum,
+                f"interrupted: committed {state.manifest.rows} rows to {out_dir}; run the same command again to resume",
+            )
+        log.warning(
+            "%s: %s arrived once the run was complete", cfg.job.name, signal.Signals(stop.signum).name
         )
     return stats
+
+
+def _mark_complete(manifest: Manifest, stop: StopSignal) -> bool:
+    """Write the completion marker unless a stop signal comes before it is in place; whether it was written.
+
+    A signal during the write (a slow fsync) abandons it: the run then ends as interrupted, every row
+    committed, and the next start finds nothing to generate and marks the run complete."""
+    if stop.requested:
+        return False
+    manifest.complete = True
+    if not manifest.save(abandon=lambda: stop.requested):
+        manifest.complete = False
+    return manifest.complete
 
 
 def _requests(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +90,139 @@ def run_cli(args: list[str], timeout: float = 120, **kwargs) -> subprocess.Compl
 def cli_env() -> dict[str, str]:
     """Environment of the CLI subprocesses: offline, one thread (2-core CI machines)."""
     return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+class PreloadedRun:
+    """A ``python run.py`` process forked by ``PreloadedCli``: what the tests use of ``subprocess.Popen``."""
+
+    def __init__(self, cli: PreloadedCli, pid: int, out: Path, err: Path) -> None:
+        self._cli = cli
+        self.pid = pid
+        self._out, self._err = out, err
+
+    @property
+    def returncode(self) -> int | None:
+        return self._cli.exits.get(self.pid)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self._cli.changed:
+            if not self._cli.changed.wait_for(lambda: self.pid in self._cli.exits or self._cli.dead, timeout):
+                raise subprocess.TimeoutExpired(f"run.py (pid {self.pid})", timeout)
+        if self.returncode is None:
+            raise RuntimeError(f"{FORKER} exited before run.py (pid {self.pid})")
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self._out.read_text(errors="replace"), self._err.read_text(errors="replace")
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+FORKER = Path(__file__).with_name("cli_forker.py")
+
+
+class PreloadedCli:
+    """Starts ``python run.py <args>`` processes without their interpreter start-up and imports.
+
+    A run of the tiny model spends most of its few seconds of CPU importing torch and transformers.
+    ``cli_forker.py`` imports them once, in a process that runs nothing else, and forks a child per
+    run: a new process that runs run.py as ``__main__`` with its own arguments and environment, exit
+    status and signals as a ``python run.py`` subprocess. Only environment variables read when used
+    (``BATCHGEN_FAULTS``) may differ from ``cli_env()``: the modules were imported under it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.exits: dict[int, int] = {}
+        self.changed = threading.Condition()
+        self.dead = False
+        self._started: dict[int, int] = {}
+        self._pids: list[int] = []
+        self._count = 0
+        self._proc = subprocess.Popen(
+            [sys.executable, str(FORKER)],
+            cwd=ROOT,
+            env=cli_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._read, name="cli-forker", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            what, *values = line.split()
+            with self.changed:
+                if what == "started":
+                    self._started[int(values[0])] = int(values[1])
+                else:
+                    self.exits[int(values[0])] = int(values[1])
+                self.changed.notify_all()
+        with self.changed:
+            self.dead = True
+            self.changed.notify_all()
+
+    def start(
+        self, args: list[str], env: dict[str, str] | None = None, module: str | None = None
+    ) -> PreloadedRun:
+        """``python run.py <args>`` (``python -m <module> <args>``) with ``cli_env()`` and ``env``, stdin
+        empty, stdout and stderr kept."""
+        assert self._proc.stdin is not None
+        with self.changed:
+            self._count += 1
+            request_id = self._count
+        out, err = (self.folder / f"run-{request_id}.{name}" for name in ("out", "err"))
+        request = {
+            "id": request_id,
+            "args": args,
+            "module": module,
+            "env": cli_env() | (env or {}),
+            "out": str(out),
+            "err": str(err),
+        }
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        with self.changed:
+            if not self.changed.wait_for(lambda: request_id in self._started or self.dead, 120):
+                raise RuntimeError(f"{FORKER} did not start {module or 'run.py'} {' '.join(args)}")
+            if request_id not in self._started:
+                raise RuntimeError(f"{FORKER} exited (status {self._proc.poll()})")
+            pid = self._started.pop(request_id)
+            self._pids.append(pid)
+            return PreloadedRun(self, pid, out, err)
+
+    def run(
+        self,
+        args: list[str],
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        module: str | None = None,
+    ) -> subprocess.CompletedProcess:
+        """``run_cli``'s result, from a forked run."""
+        proc = self.start(args, env, module)
+        try:
+            out, err = proc.communicate(timeout)
+        finally:
+            proc.kill()
+        return subprocess.CompletedProcess([module or "run.py", *args], proc.returncode, out, err)
+
+    def close(self) -> None:
+        """Stop any run still going on, then the forking process."""
+        for pid in set(self._pids) - self.exits.keys():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._proc.kill()
+        self._proc.communicate()
 
 
 class ByteTokenizer:

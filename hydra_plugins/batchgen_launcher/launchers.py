@@ -171,6 +171,15 @@ class _SkipComplete(submitit_launcher.BaseSubmititLauncher):
 class LocalLauncher(_SkipComplete, submitit_launcher.LocalLauncher):
     """submitit's local launcher (one process per job on this machine), skipping complete shards."""
 
+    def _submit(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[Any]:
+        jobs = super()._submit(job_overrides, initial_job_idx)
+        for job in jobs:
+            # submitit asks for a result once the task's process has exited, and waits up to 15 s for
+            # a result file that a shared file system shows late. Here the task wrote it before exiting,
+            # on this machine: a task without one (failed at start, killed) would only delay the report.
+            job._results_timeout_s = 0
+        return jobs
+
 
 class SlurmLauncher(_SkipComplete, submitit_launcher.SlurmLauncher):
     """submitit's Slurm launcher (one array task per job), skipping complete shards."""

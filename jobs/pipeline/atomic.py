@@ -22,10 +22,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def commit_file(path: Path, write: Callable[[BinaryIO], None], kind: str | None = None) -> None:
+def commit_file(
+    path: Path,
+    write: Callable[[BinaryIO], None],
+    kind: str | None = None,
+    abandon: Callable[[], bool] | None = None,
+) -> bool:
     """Create ``path`` atomically: ``write`` fills a temporary file that is fsynced and renamed into place.
 
     ``kind`` (``"chunk"``, ``"manifest"``) names the commit for fault injection in tests (``jobs.pipeline.faults``).
+    ``abandon`` is asked just before the rename: True drops the temporary file and leaves ``path`` as it
+    was. Returns whether ``path`` was replaced.
     """
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
@@ -37,17 +44,23 @@ def commit_file(path: Path, write: Callable[[BinaryIO], None], kind: str | None 
             os.fsync(f.fileno())
         if kind:
             faults.inject(f"{kind}-rename")
+        if abandon is not None and abandon():
+            tmp.unlink()
+            return False
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return True
 
 
-def commit_json(path: Path, obj: object, kind: str | None = None) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
+def commit_json(
+    path: Path, obj: object, kind: str | None = None, abandon: Callable[[], bool] | None = None
+) -> bool:
+    """Write ``obj`` as JSON to ``path`` atomically (``commit_file``: ``abandon``, the result)."""
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    commit_file(path, lambda f: f.write(data), kind)
+    return commit_file(path, lambda f: f.write(data), kind, abandon)
 
 
 def remove_temporaries(directory: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,11 @@ class Manifest:
         names = [s.file for s in self.chunks + self.steps]
         return 1 + max((chunk_seq(n) for n in names), default=0)
 
-    def save(self) -> None:
-        """Write the manifest atomically."""
+    def save(self, abandon: Callable[[], bool] | None = None) -> bool:
+        """Write the manifest atomically; False if ``abandon`` said so just before the rename (nothing changed)."""
         data = asdict(self)
         data.pop("path")
-        commit_json(self.path, data, kind="manifest")
+        return commit_json(self.path, data, kind="manifest", abandon=abandon)
 
     @classmethod
     def load(cls, path: Path) -> Manifest | None:

@@ -7,13 +7,12 @@ import pyarrow.ipc as ipc
 import pytest
 
 from bench.workloads import WORKLOADS
-from jobs_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, preloaded_cli):
     out = tmp_path_factory.mktemp("bench") / "smoke"
-    proc = run_cli(["job=benchmark", "bench=smoke", f"run_dir={out}"], timeout=300)
+    proc = preloaded_cli.run(["job=benchmark", "bench=smoke", f"run_dir={out}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 

@@ -3,16 +3,16 @@
 import json
 from pathlib import Path
 
-from jobs_helpers import ROOT, read_rows, run_cli
+from jobs_helpers import ROOT, read_rows
 
 SHARED_TOKENIZER = ROOT.parent / "shared" / "data" / "qwen2-tokenizer"
 
 
-def test_job_path_benchmark_runs_both_sides_on_the_same_requests(tmp_path, models_dir):
+def test_job_path_benchmark_runs_both_sides_on_the_same_requests(tmp_path, models_dir, preloaded_cli):
     # The real Qwen2 tokenizer where the checkout has it beside it, else the shipped tiny one.
     tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else ROOT / "jobs" / "assets" / "tiny-chat"
     out = tmp_path / "job-bench"
-    proc = run_cli(
+    proc = preloaded_cli.run(
         [
             "job=benchmark",
             "bench=job",

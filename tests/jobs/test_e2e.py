@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import datasets
@@ -18,13 +16,10 @@ from jobs.generate import output_dir, run_generation
 from jobs.pipeline.manifest import MANIFEST_NAME, Manifest
 from jobs_helpers import (
     PROMPTS,
-    ROOT,
-    cli_env,
     compose_config,
     generated_part,
     read_rows,
     rows_by_custom_id,
-    run_cli,
     write_jsonl,
 )
 
@@ -40,8 +35,8 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def test_cli_default_job_writes_every_row(tmp_path, models_dir):
-    proc = run_cli(["job=synthetic_data", f"output_root={tmp_path}", f"models_dir={models_dir}"])
+def test_cli_default_job_writes_every_row(tmp_path, models_dir, preloaded_cli):
+    proc = preloaded_cli.run(["job=synthetic_data", f"output_root={tmp_path}", f"models_dir={models_dir}"])
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "synthetic_data" / "tiny-chat-tiny-prompts"
     rows = rows_by_custom_id(read_rows(out))
@@ -66,8 +61,10 @@ def test_cli_default_job_writes_every_row(tmp_path, models_dir):
     assert "builtin: tiny_chat" in (out / "config.yaml").read_text() and not (out / ".hydra").exists()
 
 
-def test_cli_distill_writes_logprobs(tmp_path, models_dir):
-    proc = run_cli(["job=distill", "data.limit=6", f"output_root={tmp_path}", f"models_dir={models_dir}"])
+def test_cli_distill_writes_logprobs(tmp_path, models_dir, preloaded_cli):
+    proc = preloaded_cli.run(
+        ["job=distill", "data.limit=6", f"output_root={tmp_path}", f"models_dir={models_dir}"]
+    )
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(tmp_path / "distill" / "tiny-chat-tiny-chats")
     assert sorted(r["id"] for r in rows) == SOURCE_IDS[:6]
@@ -129,61 +126,41 @@ def committed_rows(manifest_path) -> int:
         return 0
 
 
-def start_cli(args):
-    return subprocess.Popen(
-        [sys.executable, "run.py", *args],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def wait_for_rows(proc, manifest_path, rows, timeout=90):
     deadline = time.monotonic() + timeout
     while proc.poll() is None and committed_rows(manifest_path) < rows and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
-def test_resume_after_sigkill_at_random_points_matches_uninterrupted_run(tmp_path, models_dir, mixed):
+def test_sigkills_then_a_sigterm_that_flushes_and_exits_143_and_the_resume_matches_uninterrupted_run(
+    tmp_path, models_dir, mixed, preloaded_cli
+):
+    """Two SIGKILLs at random points, then a SIGTERM in the third start; each start resumes the last."""
     batch, expected = mixed
     args = mixed_overrides(tmp_path, models_dir, batch)
     cfg = compose_config(args)
     manifest_path = output_dir(cfg) / MANIFEST_NAME
     rng = random.Random(7)
-    kills = 0
-    for threshold in (4, 30, 60):
-        proc = start_cli(args)
+    for threshold in (4, 30):
+        proc = preloaded_cli.start(args)
         wait_for_rows(proc, manifest_path, threshold)
         time.sleep(rng.uniform(0.0, 0.25))
-        if proc.poll() is None:
-            proc.kill()
-            kills += 1
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
         proc.communicate()
-    assert kills >= 2
-    assert committed_rows(manifest_path) > 0
-    stats = run_generation(cfg)
-    assert stats.complete and stats.skipped_rows > 0
-    rows = rows_by_custom_id(read_rows(output_dir(cfg)))
-    assert {cid: generated_part(r) for cid, r in rows.items()} == expected
-
-
-def test_sigterm_flushes_and_exits_with_143_then_resume_completes(tmp_path, models_dir, mixed):
-    batch, expected = mixed
-    args = mixed_overrides(tmp_path, models_dir, batch)
-    cfg = compose_config(args)
-    manifest_path = output_dir(cfg) / MANIFEST_NAME
-    proc = start_cli(args)
-    wait_for_rows(proc, manifest_path, 10)
+    killed = committed_rows(manifest_path)
+    assert killed >= 30
+    proc = preloaded_cli.start(args)
+    wait_for_rows(proc, manifest_path, killed + 10)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert "interrupted: committed" in stderr and "SIGTERM" in stderr
     manifest = Manifest.load(manifest_path)
-    assert not manifest.complete and 10 <= manifest.rows < len(expected)
+    assert not manifest.complete and killed + 10 <= manifest.rows < len(expected)
     assert len(rows_by_custom_id(read_rows(output_dir(cfg)))) == manifest.rows
-    run_generation(cfg)
+    stats = run_generation(cfg)
+    assert stats.complete and stats.skipped_rows > 0
     rows = rows_by_custom_id(read_rows(output_dir(cfg)))
     assert {cid: generated_part(r) for cid, r in rows.items()} == expected
 

@@ -8,8 +8,6 @@ saved to a folder, float32 and greedy. Skipped when lm-eval is not installed (``
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 from jobs import tiny_model  # noqa: E402
-from jobs_helpers import ROOT, cli_env  # noqa: E402
+from jobs_helpers import ROOT  # noqa: E402
 
 CHOICES = ROOT / "jobs" / "assets" / "choices.jsonl"
 PROMPTS = ROOT / "jobs" / "assets" / "prompts.jsonl"
@@ -150,14 +148,13 @@ def test_batchgen_lm_eval_registers_the_model_then_runs_lm_evals_command_line(mo
 
 
 @pytest.mark.slow  # about 20 s: lm-eval's command line indexes all of its own tasks at start
-def test_batchgen_lm_eval_command_runs_a_task(tmp_path, models_dir):
+def test_batchgen_lm_eval_command_runs_a_task(tmp_path, models_dir, preloaded_cli):
     path = tiny_model.materialise("tiny_chat", models_dir)
     write_tasks(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval_batchgen", "--model", "batchgen", "--model_args",
-         f"pretrained={path},dtype=float32", "--tasks", "bg_mc", "--include_path", str(tmp_path),
-         "--limit", "4", "--output_path", str(tmp_path / "out")],
-        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120,
+    proc = preloaded_cli.run(  # python -m lm_eval_batchgen ...
+        ["--model", "batchgen", "--model_args", f"pretrained={path},dtype=float32", "--tasks", "bg_mc",
+         "--include_path", str(tmp_path), "--limit", "4", "--output_path", str(tmp_path / "out")],
+        module="lm_eval_batchgen", timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bg_mc" in proc.stdout and "acc" in proc.stdout

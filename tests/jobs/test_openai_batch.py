@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,10 +17,11 @@ from openai.types.chat import ChatCompletion
 
 from jobs import openai_batch, tiny_model
 from jobs.generate import output_dir
+from jobs.pipeline import faults
 from jobs.pipeline.manifest import MANIFEST_NAME, Manifest
 from jobs.pipeline.openai_output import ERRORS_NAME, OUTPUT_NAME
 from jobs.pipeline.reasoning import split_reasoning
-from jobs_helpers import ROOT, cli_env, compose_config, read_rows, write_jsonl
+from jobs_helpers import compose_config, read_rows, write_jsonl
 
 
 class BatchResponse(OpenAIModel):
@@ -252,18 +251,6 @@ def test_rerun_of_a_complete_run_rewrites_the_files(baseline, models_dir):
     assert ((out_dir / OUTPUT_NAME).read_bytes(), (out_dir / ERRORS_NAME).read_bytes()) == before
 
 
-def start(args, faults=None):
-    env = cli_env() | ({"BATCHGEN_FAULTS": faults} if faults else {})
-    return subprocess.Popen(
-        [sys.executable, "run.py", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def committed(manifest_path: Path) -> int:
     try:
         return Manifest.load(manifest_path).rows
@@ -271,14 +258,16 @@ def committed(manifest_path: Path) -> int:
         return 0
 
 
-def test_killed_at_random_points_then_resumed_gives_the_same_lines(tmp_path, models_dir, baseline):
+def test_killed_at_random_points_then_resumed_gives_the_same_lines(
+    tmp_path, models_dir, baseline, preloaded_cli
+):
     batch, ids, base_dir = baseline
     args = overrides(tmp_path, models_dir, batch)
     out_dir = output_dir(compose_config(args))
     rng = random.Random(11)
     kills = 0
     for threshold in (3, 9, 15):
-        proc = start(args)
+        proc = preloaded_cli.start(args)
         deadline = time.monotonic() + 90
         while (
             proc.poll() is None
@@ -296,13 +285,11 @@ def test_killed_at_random_points_then_resumed_gives_the_same_lines(tmp_path, mod
     assert kills >= 2
     # Killed while writing the files: the run is complete, the files are not there yet.
     assert not Manifest.load(out_dir / MANIFEST_NAME).complete
-    proc = start(args, faults="openai-rename:signal=KILL@1")
+    proc = preloaded_cli.start(args, env={"BATCHGEN_FAULTS": "openai-rename:signal=KILL@1"})
     proc.communicate(timeout=180)
     assert proc.returncode == -9 and Manifest.load(out_dir / MANIFEST_NAME).complete
     assert not (out_dir / OUTPUT_NAME).exists() and not (out_dir / ERRORS_NAME).exists()
-    proc = start(args)
-    _, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 0, stderr
+    assert openai_batch.run(compose_config(args)).complete
     check_lines(out_dir, ids, batch_lines())
     assert_same(comparable(out_dir), comparable(base_dir))
 
@@ -323,16 +310,25 @@ def assert_same(got, want, where="lines"):
         assert got == want, where
 
 
-def test_files_of_an_earlier_completion_are_removed_when_the_run_extends(tmp_path, models_dir, baseline):
+def test_files_of_an_earlier_completion_are_removed_when_the_run_extends(
+    tmp_path, models_dir, baseline, monkeypatch
+):
     batch, ids, _ = baseline
     args = overrides(tmp_path, models_dir, batch)
     out_dir = output_dir(compose_config(args))
     openai_batch.run(compose_config([*args, "data.limit=3"]))
     output, errors = read_lines(out_dir)
     assert [ln["custom_id"] for ln in output + errors] == ids[:3]
-    proc = start([*args], faults="chunk-rename:signal=KILL@2")
-    proc.communicate(timeout=180)
-    assert not (out_dir / OUTPUT_NAME).exists() and not (out_dir / ERRORS_NAME).exists()
+    renames: list[bool] = []  # whether an earlier file is there, at each chunk's rename of the extended run
+
+    def inject(point: str) -> None:
+        if point == "chunk-rename":
+            renames.append((out_dir / OUTPUT_NAME).exists() or (out_dir / ERRORS_NAME).exists())
+
+    monkeypatch.setattr(faults, "inject", inject)
+    assert openai_batch.run(compose_config(args)).complete
+    assert len(renames) >= 2 and not any(renames), renames
+    check_lines(out_dir, ids, batch_lines())
 
 
 # -- reasoning -------------------------------------------------------------------------------------

@@ -153,6 +153,58 @@ def test_sigterm_commits_finished_rows_and_reports_the_interruption(tmp_path):
     assert_same_rows(cfg, expected)
 
 
+@pytest.fixture
+def usr2_outside():
+    """What reaches the SIGUSR2 handler that a job replaces (submitit's, in a task)."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
+    yield received
+    signal.signal(signal.SIGUSR2, previous)
+
+
+def usr2_at_the_completion_marker(monkeypatch, after: bool) -> None:
+    """Send SIGUSR2 to this process while the completion marker is written (``after``: once it is in place)."""
+    real_save = Manifest.save
+
+    def save(self, *args, **kwargs):
+        if self.complete and not after:  # as during a slow fsync of the marker, before its rename
+            os.kill(os.getpid(), signal.SIGUSR2)
+        written = real_save(self, *args, **kwargs)
+        if self.complete and after:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return written
+
+    monkeypatch.setattr(Manifest, "save", save)
+
+
+def test_a_stop_signal_while_the_completion_marker_is_written_stops_the_run_with_every_row_committed(
+    tmp_path, monkeypatch, usr2_outside
+):
+    expected = baseline_rows(tmp_path)
+    cfg = config(tmp_path / "stopped")
+    usr2_at_the_completion_marker(monkeypatch, after=False)
+    with pytest.raises(Interrupted, match="interrupted: committed") as err:
+        run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert err.value.exit_code == 140 and not usr2_outside, "the job's handler, not the one it replaced"
+    manifest = Manifest.load(output_dir(cfg) / MANIFEST_NAME)
+    assert not manifest.complete and manifest.rows == len(expected)
+    monkeypatch.undo()
+    engines, make = fake_factory(max_num_seqs=4)
+    stats = run_generation(cfg, make_engine=make)
+    assert stats.complete and engines[0].added == [], "the resume generates nothing again"
+    assert_same_rows(cfg, expected)
+
+
+def test_a_stop_signal_once_the_completion_marker_is_in_place_leaves_the_run_complete(
+    tmp_path, monkeypatch, usr2_outside
+):
+    cfg = config(tmp_path / "done")
+    usr2_at_the_completion_marker(monkeypatch, after=True)
+    stats = run_generation(cfg, make_engine=fake_factory(max_num_seqs=4)[1])
+    assert stats.complete and not usr2_outside
+    assert Manifest.load(output_dir(cfg) / MANIFEST_NAME).complete
+
+
 def test_second_stop_signal_stops_at_once():
     with StopSignal() as stop, pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)

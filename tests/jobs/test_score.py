@@ -130,12 +130,7 @@ def test_score_job_text_form_scores_every_token_after_the_first(tmp_path, models
         assert row["logprob"] == pytest.approx(total, abs=1e-4) and row["is_greedy"] == greedy
 
 
-def test_score_job_resumes_after_sigkill(tmp_path, models_dir):
-    import subprocess
-    import sys
-
-    from jobs_helpers import cli_env
-
+def test_score_job_resumes_after_sigkill(tmp_path, models_dir, preloaded_cli):
     lines = [json.loads(line) for line in CHOICES.read_text().splitlines()]
     rows_in = [dict(r, id=f"{r['id']}-{k}") for k in range(6) for r in lines]  # 120 rows, 300 continuations
     src = write_jsonl(tmp_path / "many.jsonl", rows_in)
@@ -144,13 +139,7 @@ def test_score_job_resumes_after_sigkill(tmp_path, models_dir):
     )
     cfg = compose_config(args)
     manifest_path = output_dir(cfg) / MANIFEST_NAME
-    proc = subprocess.Popen(
-        [sys.executable, "run.py", *args],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = preloaded_cli.start(args)
     deadline = time.monotonic() + 90
     while proc.poll() is None and time.monotonic() < deadline:
         try:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 
 import datasets
 import numpy as np
@@ -19,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from jobs import distill, tiny_model
 from jobs.generate import CONFIG_NAME, output_dir
 from jobs.pipeline.manifest import GENERATIONS_DIR, MANIFEST_NAME, Manifest, read_stream
-from jobs_helpers import ROOT, cli_env, compose_config, read_rows, rows_by_custom_id
+from jobs_helpers import ROOT, compose_config, read_rows, rows_by_custom_id
 
 K = 30  # above the engine's default limit (20): the job raises it
 ROWS = 20
@@ -92,7 +90,9 @@ def test_columns_hold_k_alternatives_per_token_and_load_with_datasets_and_torch(
     )
 
 
-def test_killed_in_commits_then_resumed_every_row_once_with_the_same_columns(tmp_path, models_dir, baseline):
+def test_killed_in_commits_then_resumed_every_row_once_with_the_same_columns(
+    tmp_path, models_dir, baseline, preloaded_cli
+):
     expected, _ = baseline
     args = overrides(tmp_path, models_dir)
     out_dir = output_dir(compose_config(args))
@@ -100,25 +100,10 @@ def test_killed_in_commits_then_resumed_every_row_once_with_the_same_columns(tmp
     # inside a step file's write (its chunk is adopted, the half-written file deleted), each process after
     # committing at least once.
     for spec in ("chunk-rename:signal=KILL@3", "manifest-write:signal=KILL@2", "chunk-write:signal=KILL@2"):
-        proc = subprocess.run(
-            [sys.executable, "run.py", *args],
-            cwd=ROOT,
-            env=cli_env() | {"BATCHGEN_FAULTS": spec},
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        proc = preloaded_cli.run(args, timeout=180, env={"BATCHGEN_FAULTS": spec})
         assert proc.returncode == -9, proc.stderr
     assert 0 < Manifest.load(out_dir / MANIFEST_NAME).rows < ROWS
-    proc = subprocess.run(
-        [sys.executable, "run.py", *args],
-        cwd=ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr
+    assert distill.run(compose_config(args)).complete
     rows = rows_by_custom_id(read_rows(out_dir))  # no custom_id twice
     assert rows.keys() == expected.keys()
     for cid, want in expected.items():

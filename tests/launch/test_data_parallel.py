@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from jobs import merge
 from jobs.errors import JobError
 from jobs.pipeline.manifest import MANIFEST_NAME, Manifest
 from jobs.pipeline.shards import shard_subdir
-from jobs_helpers import ROOT, cli_env, compose_config, read_rows, rows_by_custom_id, run_cli, single_run_rows
+from jobs_helpers import compose_config, read_rows, rows_by_custom_id, single_run_rows
 from launch import data_parallel as dp
 
 RUN = Path("synthetic_data") / "tiny-chat-tiny-prompts"
@@ -231,31 +230,12 @@ def all_rows(root, count=2) -> dict[str, dict]:
     return rows_by_custom_id(rows)
 
 
-def test_two_workers_write_exactly_the_rows_of_a_single_run(tmp_path, models_dir, single_run):
-    proc = run_cli(dp_args(tmp_path, models_dir), timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    assert all_rows(tmp_path) == single_run
-    assert sorted(p.name for p in (tmp_path / RUN).iterdir() if p.name.startswith("shard-")) == [
-        shard_subdir(i, 2) for i in range(2)
-    ]
-    assert "12/12 (100%) source rows committed, 24 rows | 0/2 workers running" in proc.stderr
-    check = merge.run(compose_config(["job=merge", f"run_dir={tmp_path / RUN}"]))
-    assert check.rows == 24 and (tmp_path / RUN / merge.CARD_NAME).exists()
-    assert rows_by_custom_id(merge.load_run(tmp_path / RUN).to_list()) == single_run
-    again = run_cli(dp_args(tmp_path, models_dir), timeout=120)
-    assert again.returncode == 0 and again.stderr.count("complete, not launched") == 2, again.stderr
-    assert all(shard_manifest(tmp_path, i).attempts == 1 for i in range(2))
-
-
-def test_killed_worker_fails_the_run_and_a_rerun_finishes_only_it(tmp_path, models_dir, single_run):
-    parent = subprocess.Popen(
-        [sys.executable, "run.py", *dp_args(tmp_path, models_dir)],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def test_killed_worker_fails_the_run_and_a_rerun_finishes_only_it_then_merge_accepts_the_run(
+    tmp_path, models_dir, single_run, preloaded_cli
+):
+    """Two workers, worker 1 killed mid-run: the run fails naming it; the same command finishes only it, the
+    two shards then hold exactly the rows of a single run in one run directory, and job=merge accepts it."""
+    parent = preloaded_cli.start(dp_args(tmp_path, models_dir))
     try:
         log = tmp_path / RUN / shard_subdir(1, 2) / "run.log"
         deadline = time.monotonic() + 120
@@ -278,18 +258,27 @@ def test_killed_worker_fails_the_run_and_a_rerun_finishes_only_it(tmp_path, mode
             parent.communicate()
     assert parent.returncode == dp.EXIT_WORKER_FAILED, err
     assert "1 of 2 workers failed: shard 1 (shard-00001-of-00002)" in err
-    assert "killed by SIGKILL" in err
+    assert "killed by SIGKILL" in err and "| 0/2 workers running" in err
     killed, done = shard_manifest(tmp_path, 1), shard_manifest(tmp_path, 0)
     assert not killed.complete and 0 < killed.rows < 12
     assert done.complete and done.attempts == 1
     with pytest.raises(JobError, match="not complete"):
         merge.require_complete(tmp_path / RUN)
-    again = run_cli(dp_args(tmp_path, models_dir), timeout=180)
+    again = preloaded_cli.run(dp_args(tmp_path, models_dir), timeout=180)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("complete, not launched") == 1
     assert "shard 0 (shard-00000-of-00002) complete, not launched" in again.stderr
+    assert "12/12 (100%) source rows committed, 24 rows | 0/1 workers running" in again.stderr
     assert shard_manifest(tmp_path, 0) == done, "the finished shard is untouched"
     resumed = shard_manifest(tmp_path, 1)
     assert resumed.complete and resumed.attempts == 2
     assert all_rows(tmp_path) == single_run
-    merge.require_complete(tmp_path / RUN)
+    assert sorted(p.name for p in (tmp_path / RUN).iterdir() if p.name.startswith("shard-")) == [
+        shard_subdir(i, 2) for i in range(2)
+    ]
+    check = merge.run(compose_config(["job=merge", f"run_dir={tmp_path / RUN}"]))
+    assert check.rows == 24 and (tmp_path / RUN / merge.CARD_NAME).exists()
+    assert rows_by_custom_id(merge.load_run(tmp_path / RUN).to_list()) == single_run
+    third = preloaded_cli.run(dp_args(tmp_path, models_dir), timeout=120)
+    assert third.returncode == 0 and third.stderr.count("complete, not launched") == 2, third.stderr
+    assert [shard_manifest(tmp_path, i) for i in range(2)] == [done, resumed], "complete shards are not run"

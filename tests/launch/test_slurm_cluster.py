@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from hydra_plugins.batchgen_launcher import launchers
-from jobs_helpers import PROMPTS, ROOT, cli_env, read_rows, rows_by_custom_id, run_cli
+from jobs_helpers import PROMPTS, ROOT, PreloadedCli, PreloadedRun, read_rows, rows_by_custom_id
 
 RUN = Path("synthetic_data") / "tiny-chat-tiny-prompts"
 SAMPLES = 2  # job=synthetic_data's sampling.n
@@ -45,6 +45,7 @@ SETTINGS = ["job=synthetic_data", "engine.max_num_seqs=2", "checkpoint.rows=2", 
 SLOW = {"BATCHGEN_FAULTS": "manifest-write:sleep=2"}
 SETUP = 'hydra.launcher.setup=["if [ 0$SLURM_RESTART_COUNT -gt 0 ]; then unset BATCHGEN_FAULTS; fi"]'
 DOCS = ROOT / "docs" / "jobs.md"
+TIME_LIMIT_ROWS = 24  # source rows of the time-limit scenario
 
 
 def cluster_problem() -> str | None:
@@ -151,12 +152,12 @@ def job_state(job_id: str) -> str:
     return out.stdout.strip()
 
 
-def committed_mid_run(root: Path, index: int, count: int, rows: int, proc: subprocess.Popen) -> dict:
+def committed_mid_run(root: Path, index: int, count: int, rows: int, proc: PreloadedRun) -> dict:
     """Wait for shard ``index`` to commit ``rows`` rows; its manifest then (the shard not complete)."""
     seen: dict = {}
 
     def enough() -> bool:
-        assert proc.poll() is None, proc.communicate()[0]
+        assert proc.poll() is None, "".join(proc.communicate())
         seen.update(manifest(root, index, count) or {})
         return committed(seen) >= rows
 
@@ -173,21 +174,16 @@ def slurm(*args: str) -> None:
 class Multirun:
     """``python run.py <args>`` in the background, its output collected; ``name`` is its array's name."""
 
-    def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cli: PreloadedCli, args: list[str], name: str, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "run.py", *args],
-            cwd=ROOT,
-            env=cli_env() | (env or {}),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.proc = cli.start(args, env)
         self.output: str | None = None
 
     def wait(self, timeout: float = 240) -> int:
         if self.output is None:
-            self.output, _ = self.proc.communicate(timeout=timeout)
+            self.output = "".join(self.proc.communicate(timeout=timeout))
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -205,13 +201,14 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def time_limit_run(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, preloaded_cli: PreloadedCli
 ) -> Iterator[tuple[Path, Multirun]]:
     """One task with a one-minute limit and a 10 s signal delay, started after the interrupted array, beside it.
 
     Slurm checks time limits every 30 s and sends the signal up to that much early, so USR2 comes
-    20 to 50 s after the start and the limit is enforced at 60 to 90 s; the first attempt (12 commits
-    of at least 2 s after the model loads) is still running at 50 s.
+    20 to 50 s after the start and the limit is enforced at 60 to 90 s. The first attempt is still
+    running at 50 s: after the model loads, each commit sleeps 4 s, and the background writer
+    commits two source rows at a time, so its TIME_LIMIT_ROWS rows take a minute to commit.
     """
     root = tmp_path_factory.mktemp("timelimit")
     args = slurm_args(
@@ -219,11 +216,11 @@ def time_limit_run(
         models_dir,
         "bg-timelimit",
         1,
-        12,
+        TIME_LIMIT_ROWS,
         "hydra.launcher.timeout_min=1",
         "hydra.launcher.signal_delay_s=10",
     )
-    run = Multirun(args, "bg-timelimit", env={"BATCHGEN_FAULTS": "manifest-write:sleep=4"})
+    run = Multirun(preloaded_cli, args, "bg-timelimit", env={"BATCHGEN_FAULTS": "manifest-write:sleep=4"})
     yield root, run
     run.kill()
 
@@ -234,6 +231,7 @@ def three_tasks(
     models_dir: Path,
     time_limit_run: tuple[Path, Multirun],
     interrupted_start: tuple[Path, list[str], Multirun, Future],
+    preloaded_cli: PreloadedCli,
 ) -> Iterator[tuple[Path, Multirun, str, Path]]:
     """A 3-task array, and the docs' dependent merge (``sbatch --dependency=afterok:<array>``) submitted meanwhile.
 
@@ -244,7 +242,7 @@ def three_tasks(
     interrupted_start[3].result(timeout=240)
     root = tmp_path_factory.mktemp("three")
     cleanup: list[str] = []
-    run = Multirun(slurm_args(root, models_dir, "bg-three", 3, 9), "bg-three")
+    run = Multirun(preloaded_cli, slurm_args(root, models_dir, "bg-three", 3, 9), "bg-three")
     try:
         array = array_id("bg-three")
         merge_log = root / "merge.out"
@@ -284,7 +282,7 @@ def dependent_merge_recipe() -> str:
     return lines[0]
 
 
-def interrupt(root: Path, proc: subprocess.Popen) -> dict[str, dict]:
+def interrupt(root: Path, proc: PreloadedRun) -> dict[str, dict]:
     """Once each has committed rows: USR2 to task 0, ``scontrol requeue`` task 1, cancel task 2.
 
     Returns task 1's committed rows as they were just before its requeue.
@@ -302,12 +300,12 @@ def interrupt(root: Path, proc: subprocess.Popen) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def interrupted_start(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, preloaded_cli: PreloadedCli
 ) -> Iterator[tuple[Path, list[str], Multirun, Future]]:
     """The array of ``interrupted_array`` started, its interruptions sent from a thread as soon as due."""
     root = tmp_path_factory.mktemp("interrupted")
     args = slurm_args(root, models_dir, "bg-interrupted", 3, 18)
-    run = Multirun(args, "bg-interrupted", env=SLOW)
+    run = Multirun(preloaded_cli, args, "bg-interrupted", env=SLOW)
     with ThreadPoolExecutor(1) as pool:
         try:
             yield root, args, run, pool.submit(interrupt, root, run.proc)
@@ -316,7 +314,9 @@ def interrupted_start(
 
 
 @pytest.fixture(scope="module")
-def interrupted_array(interrupted_start: tuple[Path, list[str], Multirun, Future]) -> dict:
+def interrupted_array(
+    interrupted_start: tuple[Path, list[str], Multirun, Future], preloaded_cli: PreloadedCli
+) -> dict:
     """A 3-task array: task 0 gets USR2, task 1 a hard requeue, task 2 is cancelled; then merge, and the command again."""
     root, args, run, interrupted = interrupted_start
     requeued_rows = interrupted.result(timeout=240)
@@ -324,8 +324,8 @@ def interrupted_array(interrupted_start: tuple[Path, list[str], Multirun, Future
     # the launcher may return as soon as task 2 is known cancelled: wait for the requeued tasks
     for i in (0, 1):
         wait_until(f"shard {i} to complete", lambda i=i: (manifest(root, i, 3) or {}).get("complete"))
-    merge = run_cli(["job=merge", f"run_dir={root / RUN}"], timeout=120)
-    again = run_cli(args, timeout=240)
+    merge = preloaded_cli.run(["job=merge", f"run_dir={root / RUN}"], timeout=120)
+    again = preloaded_cli.run(args, timeout=240)
     return {
         "root": root,
         "status": status,
@@ -338,7 +338,7 @@ def interrupted_array(interrupted_start: tuple[Path, list[str], Multirun, Future
 
 @pytest.mark.slurm
 @needs_cluster
-def test_three_task_array_writes_every_row_once_then_merges(three_tasks):
+def test_three_task_array_writes_every_row_once_then_merges(three_tasks, preloaded_cli):
     root, run, _, _ = three_tasks
     assert run.wait() == 0, run.output
     assert "Bypassing sacct error" not in run.output and "storage is disabled" not in run.output, (
@@ -351,7 +351,7 @@ def test_three_task_array_writes_every_row_once_then_merges(three_tasks):
         assert not rows.keys() & part.keys()
         rows |= part
     assert len(rows) == 9 * SAMPLES
-    merge = run_cli(["job=merge", f"run_dir={root / RUN}"])
+    merge = preloaded_cli.run(["job=merge", f"run_dir={root / RUN}"])
     assert merge.returncode == 0, merge.stderr
     assert "3 shard(s) complete | 18 rows" in merge.stderr
     assert (root / RUN / "README.md").exists()
@@ -429,7 +429,7 @@ def test_time_limit_signals_before_the_limit_and_the_task_finishes_in_a_later_at
     assert "Job has timed out" in log and "Requeued job" in log
     task_logs = "".join(p.read_text() for p in (root / RUN / ".submitit").rglob("*.err"))
     assert "DUE TO TIME LIMIT" not in task_logs, "stopped by the signal, not killed at the limit"
-    shard_rows(root, 0, 1, 12)
+    shard_rows(root, 0, 1, TIME_LIMIT_ROWS)
 
 
 # Without a cluster: the launcher's choice of watcher and the squeue watcher's reading.
