@@ -17,7 +17,7 @@ without such a row replay the same graphs as before and copy nothing more.
 
 A step with constrained rows is launched ``deferred``: the forward pass (a forward-only graph, or
 eager) is enqueued at once, and its sampling, with the token masks of those rows applied to the
-logits by the reference sampler, once the masks are filled (``engine.guided`` explains why).
+logits by the sampler, once the masks are filled (``engine.guided`` explains why).
 """
 
 from __future__ import annotations
@@ -233,13 +233,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(self, step: DeviceStep, logits: torch.Tensor, mask: TokenMask | None = None) -> None:
-        # Steps with token masks (constrained rows) take the PyTorch sampler, which applies them.
-        if mask is not None:
-            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
-        elif self.use_fused_sampler:
-            tokens, logprobs = sample_fused(logits, step.sampling, want_logprobs=True)
+        if self.use_fused_sampler:
+            tokens, logprobs = sample_fused(logits, step.sampling, want_logprobs=True, mask=mask)
         else:
-            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True)
+            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
         if step.top_ids_out is not None:
