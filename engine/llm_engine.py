@@ -15,7 +15,7 @@ from engine.detokenizer import Detokenizer, find_stop
 from engine.guided.decoder import GuidedDecoder
 from engine.model.loader import eos_token_ids
 from engine.outputs import CompletionOutput, RequestError
-from engine.runner.model_runner import Launched
+from engine.runner.model_runner import Launched, ModelRunner
 from engine.runner.sampler import INVALID_TOKEN
 from engine.runner.step_layout import MAX_SUPPRESS
 from engine.sampling_params import SamplingParams
@@ -391,6 +391,29 @@ class LLMEngine:
         self._step_index += 1
         self._records.append(record)
         self._totals.add(record)
+
+    def capture_graphs_for(self, params: SamplingParams) -> float:
+        """Capture now the CUDA graphs that steps sampling with ``params`` replay, at every batch size
+        (otherwise the first step of each size captures its own, in the middle of the run); the
+        seconds it took. Between runs only (no request in flight); nothing to do without graphs, on
+        CPU, or with tensor parallelism (whose ranks capture together, step by step)."""
+        runner = self.runner
+        if not isinstance(runner, ModelRunner) or not runner.use_graphs or self.worker.tp is not None:
+            return 0.0
+        if self.has_unfinished_requests():
+            raise RuntimeError("capture_graphs_for: requests are in flight")
+        if self._in_flight is not None:  # the async loop's last step, computed one step ahead
+            self.runner.collect(self._in_flight.launched)
+            self._in_flight = None
+        sampling = params.temperature > 0
+        started = time.perf_counter()
+        runner.capture_graphs(
+            any_sampling=sampling,
+            any_top_k_top_p=sampling and (params.top_k > 0 or params.top_p < 1),
+            any_min_p=sampling and params.min_p > 0,
+            top=params.top_logprobs > 0,
+        )
+        return time.perf_counter() - started
 
     def reset_stats(self) -> None:
         """Start the run summary afresh on an idle engine (after a warm-up, say); step records are dropped."""

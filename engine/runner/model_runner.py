@@ -314,15 +314,24 @@ class ModelRunner:
         self.graphs.clear()
         self.graph_pool = None
 
-    def capture_graphs(self) -> int:
-        """Capture the greedy-sampling graph of every padded token count for both slots, largest first."""
+    def capture_graphs(
+        self,
+        any_sampling: bool = False,
+        any_top_k_top_p: bool = False,
+        any_min_p: bool = False,
+        top: bool = False,
+    ) -> int:
+        """Capture the graph of every padded token count for both slots, largest first, for steps with
+        these sampling flags (greedy at start; ``LLMEngine.capture_graphs_for`` adds a run's own). Only
+        while no step is in flight: the padding steps are built in the slots' buffers."""
         if not self.use_graphs:
             return 0
+        flags = (any_sampling, any_top_k_top_p, any_min_p, top and self.top_width > 0, False)
         with self.pipe.on(self.pipe.compute):
             for size in reversed(self.graph_sizes):
                 for index in (0, 1):
                     slot, prev = self.slots[index], self.slots[index ^ 1]
-                    key = (index, size, False, False, False, False, False)
+                    key = (index, size, *flags)
                     if key not in self.graphs:
                         self._load_idle_step(slot, size)
                         self._capture(key, slot, prev)

@@ -87,6 +87,12 @@ if triton is not None:
         return idx, valid, x, xs
 
     @triton.jit
+    def first_max(vals, idxs):
+        """The largest of ``vals`` and, among lanes holding it, the lowest index (lanes keep their first)."""
+        best = tl.max(vals, axis=0)
+        return best, tl.min(tl.where(vals == best, idxs, 2147483647), axis=0)
+
+    @triton.jit
     def pass1_range(
         row_ptr,
         lo,
@@ -105,33 +111,40 @@ if triton is not None:
         HAS_MASK: tl.constexpr,
     ):
         """Raw max and sum of exp (log-sum-exp partial), non-finite count, greedy argmax (after
-        suppression and mask) and the candidate ``argmax(logits / T + gumbel)`` over tiles ``[lo, hi)``."""
-        m_raw = tl.full((), -3.0e38, tl.float32)
-        z_raw = tl.zeros((), tl.float32)
-        bad = tl.zeros((), tl.int32)
-        g_val = tl.full((), float("-inf"), tl.float32)
-        g_idx = tl.zeros((), tl.int32)
-        c_val = tl.full((), float("-inf"), tl.float32)
-        c_idx = tl.zeros((), tl.int32)
+        suppression and mask) and the candidate ``argmax(logits / T + gumbel)`` over tiles ``[lo, hi)``.
+
+        Each lane keeps its own running results across tiles (no reduction inside the loop, which
+        would stall every tile); the lanes are reduced once at the end."""
+        m_vec = tl.full((TILE,), -3.0e38, tl.float32)
+        z_vec = tl.zeros((TILE,), tl.float32)
+        bad_vec = tl.zeros((TILE,), tl.int32)
+        g_vec = tl.full((TILE,), float("-inf"), tl.float32)
+        gi_vec = tl.zeros((TILE,), tl.int32)
+        c_vec = tl.full((TILE,), float("-inf"), tl.float32)
+        ci_vec = tl.zeros((TILE,), tl.int32)
         for start in range(lo, hi, TILE):
             idx, valid, x, xs = load_tile(row_ptr, start, V, sup, mptr, mon, TILE, HAS_SUP, HAS_MASK)
-            bad += tl.sum((valid & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+            bad_vec += (valid & ~(tl.abs(x) < float("inf"))).to(tl.int32)
             if WANT_LP:
-                m_new = tl.maximum(m_raw, tl.max(x, axis=0))
-                z_raw = z_raw * tl.exp(m_raw - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-                m_raw = m_new
-            t_val, t_idx = tl.max(xs, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            if t_val > g_val:
-                g_val = t_val
-                g_idx = start + t_idx
+                m_new = tl.maximum(m_vec, x)
+                z_vec = z_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+                m_vec = m_new
+            up = xs > g_vec
+            g_vec = tl.where(up, xs, g_vec)
+            gi_vec = tl.where(up, idx, gi_vec)
             if SAMPLING:  # noqa: SIM102 (a compile-time and a run-time condition)
                 if sampling:
                     v = tl.where(valid, tl.math.div_rn(xs, Td) + gumbel(rkey, idx), float("-inf"))
-                    t_val, t_idx = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
-                    if t_val > c_val:
-                        c_val = t_val
-                        c_idx = start + t_idx
-        return m_raw, z_raw, bad, g_val, g_idx, c_val, c_idx
+                    up = v > c_vec
+                    c_vec = tl.where(up, v, c_vec)
+                    ci_vec = tl.where(up, idx, ci_vec)
+        m_raw = tl.max(m_vec, axis=0)
+        z_raw = tl.sum(z_vec * tl.exp(m_vec - m_raw), axis=0)
+        g_val, g_idx = first_max(g_vec, gi_vec)
+        c_val, c_idx = first_max(c_vec, ci_vec)
+        g_idx = tl.where(g_val == float("-inf"), 0, g_idx)
+        c_idx = tl.where(c_val == float("-inf"), 0, c_idx)
+        return m_raw, z_raw, tl.sum(bad_vec, axis=0), g_val, g_idx, c_val, c_idx
 
     @triton.jit
     def check_range(
@@ -153,21 +166,26 @@ if triton is not None:
     ):
         """Over tiles ``[lo, hi)``: the count and mass (exp(s - m_s)) of tokens ranked before the
         candidate (key ``kc``, index ``c_idx``), the total mass, and the mass of tokens with key above ``kB``."""
-        before_n = tl.zeros((), tl.int32)
-        before_m = tl.zeros((), tl.float32)
-        z_all = tl.zeros((), tl.float32)
-        mass_k = tl.zeros((), tl.float32)
+        before_n = tl.zeros((TILE,), tl.int32)
+        before_m = tl.zeros((TILE,), tl.float32)
+        z_all = tl.zeros((TILE,), tl.float32)
+        mass_k = tl.zeros((TILE,), tl.float32)
         for start in range(lo, hi, TILE):
             idx, valid, x, xs = load_tile(row_ptr, start, V, sup, mptr, mon, TILE, HAS_SUP, HAS_MASK)
             s = tl.math.div_rn(xs, Td)
             key = key_of(s)
             e = tl.where(valid, tl.exp(s - m_s), 0.0)
             before = valid & ((key > kc) | ((key == kc) & (idx < c_idx)))
-            before_n += tl.sum(before.to(tl.int32), axis=0)
-            before_m += tl.sum(tl.where(before, e, 0.0), axis=0)
-            z_all += tl.sum(e, axis=0)
-            mass_k += tl.sum(tl.where(key > kB, e, 0.0), axis=0)
-        return before_n, before_m, z_all, mass_k
+            before_n += before.to(tl.int32)
+            before_m += tl.where(before, e, 0.0)
+            z_all += e
+            mass_k += tl.where(key > kB, e, 0.0)
+        return (
+            tl.sum(before_n, axis=0),
+            tl.sum(before_m, axis=0),
+            tl.sum(z_all, axis=0),
+            tl.sum(mass_k, axis=0),
+        )
 
     @triton.jit
     def round_range(
@@ -189,23 +207,24 @@ if triton is not None:
     ):
         """One round over tiles ``[lo, hi)``: the count and mass of tokens ranked before candidate
         ``cand`` (key ``k_cand``), and the Gumbel-max draw among them (the next candidate)."""
-        before_n = tl.zeros((), tl.int32)
-        before_m = tl.zeros((), tl.float32)
-        n_val = tl.full((), float("-inf"), tl.float32)
-        n_idx = tl.zeros((), tl.int32)
+        before_n = tl.zeros((TILE,), tl.int32)
+        before_m = tl.zeros((TILE,), tl.float32)
+        n_vec = tl.full((TILE,), float("-inf"), tl.float32)
+        ni_vec = tl.zeros((TILE,), tl.int32)
         for start in range(lo, hi, TILE):
             idx, valid, x, xs = load_tile(row_ptr, start, V, sup, mptr, mon, TILE, HAS_SUP, HAS_MASK)
             s = tl.math.div_rn(xs, Td)
             key = key_of(s)
             before = valid & ((key > k_cand) | ((key == k_cand) & (idx < cand)))
-            before_n += tl.sum(before.to(tl.int32), axis=0)
-            before_m += tl.sum(tl.where(before, tl.exp(s - m_s), 0.0), axis=0)
+            before_n += before.to(tl.int32)
+            before_m += tl.where(before, tl.exp(s - m_s), 0.0)
             v = tl.where(before, s + gumbel(rkey, idx), float("-inf"))
-            t_val, t_idx = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            if t_val > n_val:
-                n_val = t_val
-                n_idx = start + t_idx
-        return before_n, before_m, n_val, n_idx
+            up = v > n_vec
+            n_vec = tl.where(up, v, n_vec)
+            ni_vec = tl.where(up, idx, ni_vec)
+        n_val, n_idx = first_max(n_vec, ni_vec)
+        n_idx = tl.where(n_val == float("-inf"), 0, n_idx)
+        return tl.sum(before_n, axis=0), tl.sum(before_m, axis=0), n_val, n_idx
 
     @triton.jit
     def accepts(before_n, before_m, Z, e_cand, k_eff, use_p, top_p, min_p, MINP: tl.constexpr):
