@@ -212,7 +212,8 @@ if triton is not None:
         tl.store(PI + base + 1, g_idx)
         tl.store(PI + base + 2, c_idx)
 
-    @triton.jit
+    # Launch sizes vary by step: not specialising on them keeps one compiled kernel for every step size.
+    @triton.jit(do_not_specialize=["rows", "S", "r"])
     def _split_kernel(
         X,
         stride_x,
@@ -315,7 +316,7 @@ if triton is not None:
                     tl.store(RF + base, before_m)
                     tl.store(RF + base + 1, n_val)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "S"])
     def _final_kernel(
         X,
         stride_x,

@@ -102,7 +102,9 @@ def test_top_logprobs_match_transformers_at_every_generated_position(device, mod
             if not sampled:  # greedy: the chosen token is the top one, with the very same logprob
                 assert sample.top_token_ids[:, 0].tolist() == sample.token_ids
                 assert sample.top_logprobs[:, 0].tolist() == pytest.approx(sample.logprobs, abs=1e-5)
-    assert exact >= 0.8 * compared  # most positions are compared id for id (near-ties come with k = 100)
+    # Most positions are compared id for id (near-ties come with k = 100; on CUDA the tie window is
+    # ten times wider, so fewer positions are clear of one).
+    assert exact >= (0.8 if device == "cpu" else 0.6) * compared
     if device == "cuda":
         assert any(key[-1] for key in llm.engine.runner.graphs)  # steps asking replayed a graph of their own
     if sampled:  # the chosen tokens are sampled: some are not the raw distribution's top one
