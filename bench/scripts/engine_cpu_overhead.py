@@ -9,8 +9,11 @@ are constrained (``--guided-fraction`` of them; 0 gives the unconstrained run of
 model takes the Qwen2 tokenizer (``--tokenizer``) and vocabulary, and the stub samples each masked
 row's token uniformly among those its mask allows (seeded; its own time is left out of the figures),
 as a random model's greedy choice under the mask would. The guided part of a step is timed apart:
-the matchers' advance with the step's tokens, the mask fill (xgrammar's call, and the rest of the
-decoder's ``fill``), the host-mask buffer and the deferred sampling's launch.
+the matchers' advance with the step's tokens, the mask fill (the library's time), the host-mask
+buffer and the deferred sampling's launch (with the wait for the fill).
+
+The fill runs on the decoder's thread while the loop goes on; the loop's own guided work is the
+matchers' advance, the constrained rows' lists, the fill's start and the wait for it.
 
 Usage: python -m bench.scripts.engine_cpu_overhead [--temperature 1 --top-p 0.95] [--profile]
        python -m bench.scripts.engine_cpu_overhead --json-schema w2 [--guided-fraction 0] [--tokenizer DIR]
@@ -121,25 +124,11 @@ def stub_runner(engine: LLMEngine, timers: Timers, vocab: int) -> None:
 
 def instrument_guided(engine: LLMEngine, timers: Timers) -> None:
     """Time the guided parts of a step, once the decoder exists (after the first constrained request)."""
-    from engine.guided import decoder as decoder_module
-
-    guided = engine.guided
-    engine._sample_guided = timers.wrap("guided_sample_phase", engine._sample_guided)
+    engine._advance_matchers = timers.wrap("advance", engine._advance_matchers)
+    engine._guided_rows = timers.wrap("rows", engine._guided_rows)
+    engine._start_fill = timers.wrap("start_fill", engine._start_fill)
+    engine._launch_sampling = timers.wrap("launch_sampling", engine._launch_sampling)
     engine.runner.token_masks = timers.wrap("host_masks", engine.runner.token_masks)
-    guided.fill = timers.wrap("fill_total", guided.fill)
-    batch = guided._batch
-
-    class TimedBatch:
-        def __getattr__(self, name):
-            return getattr(batch, name)
-
-    timed = TimedBatch()
-    timed.batch_fill_next_token_bitmask = timers.wrap("fill_xgrammar", batch.batch_fill_next_token_bitmask)
-    guided._batch = timed
-    if hasattr(decoder_module.Guide, "accept"):  # the matchers' advance, one call per token
-        decoder_module.Guide.accept = timers.wrap("accept", decoder_module.Guide.accept)
-    if hasattr(guided, "accept"):  # one call per step
-        guided.accept = timers.wrap("accept", guided.accept)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,14 +213,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {label:<44} {seconds / steps * 1e3:7.3f} ms/step {seconds / max(1, filled) * 1e6:6.2f} us/row"
             )
 
-        line("matcher advance (accept)", s["accept"])
-        phase = s["guided_sample_phase"] - s["stub"]
-        line("mask phase (_sample_guided, stub left out)", phase)
+        guided = engine.guided
+        line("matcher advance (_advance_matchers)", s["advance"])
+        line("  of which the library's batch accept", guided.accept_s)
+        line("constrained rows of a step (_guided_rows)", s["rows"])
+        line("fill start (_start_fill)", s["start_fill"])
         line("  host-mask buffer (token_masks)", s["host_masks"])
-        line("  fill (decoder.fill)", s["fill_total"])
-        line("    xgrammar batch fill", s["fill_xgrammar"])
-        line("    the rest (usable-token AND, row lists)", s["fill_total"] - s["fill_xgrammar"])
-        line("  other (guide list, sample launch)", phase - s["host_masks"] - s["fill_total"])
+        line("mask fill, the library (decoder thread)", guided.fill_s)
+        line("wait for the fill + sample launch", s["launch_sampling"] - s["stub"])
+        main_thread = s["advance"] + s["rows"] + s["start_fill"] + s["launch_sampling"] - s["stub"]
+        line("guided work on the loop's thread", main_thread)
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
