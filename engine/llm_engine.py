@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -40,12 +41,10 @@ class _GuidedRows:
     rows: list[int]
     seqs: list[Sequence]
     guides: list
-    masks: object = None
+    masks: torch.Tensor | None = None
     """The host buffer their masks are filled into (``ModelRunner.token_masks``)."""
     filling: Future | None = None
-    """The fill running on the decoder's thread (async loop), until the step's sampling is launched."""
-    terminated: list[bool] | None = None
-    """Rows whose matcher accepted a stop token in the step before (their fill is skipped)."""
+    """The decoder's job that fills them (async loop), until the step's sampling is launched."""
 
 
 @dataclass
@@ -226,11 +225,15 @@ class LLMEngine:
                     self._launch_sampling(in_flight)
                 finished = self._complete(in_flight, current)
             elif current is not None and current.guided is not None:
-                self._start_fill(current, background=True)
+                g = current.guided
+                g.masks = self.runner.token_masks(current.launched, g.rows)
+                g.filling = self.guided.submit([], [], g.guides, g.masks)
             self._in_flight = current
         elif current is not None:
             if current.guided is not None:
-                self._start_fill(current, background=False)
+                g = current.guided
+                g.masks = self.runner.token_masks(current.launched, g.rows)
+                self.guided.fill(g.guides, g.masks)
                 self._launch_sampling(current)
             finished = self._complete(current, None)
         self._finished_at = time.perf_counter()
@@ -247,16 +250,6 @@ class LLMEngine:
                 guides.append(guide)
         return _GuidedRows(rows, seqs, guides) if rows else None
 
-    def _start_fill(self, step: _LaunchedStep, background: bool) -> None:
-        """Fill the masks of a deferred step's constrained rows (their matchers are up to date): on the
-        decoder's thread (``background``), or now."""
-        g = step.guided
-        g.masks = self.runner.token_masks(step.launched, g.rows)
-        if background:
-            g.filling = self.guided.start_fill(g.guides, g.masks, g.terminated)
-        else:
-            self.guided.fill(g.guides, g.masks, g.terminated)
-
     def _launch_sampling(self, step: _LaunchedStep) -> None:
         """Enqueue a deferred step's sampling, once its masks are filled."""
         g = step.guided
@@ -270,47 +263,58 @@ class LLMEngine:
         self.runner.sample(step.launched)
         step.sampling_pending = False
 
-    def _advance_matchers(self, step: _LaunchedStep, tokens: list[int]) -> tuple[set[int], list[bool]]:
-        """Advance the matchers of a collected step's constrained rows with the tokens ``_process`` will keep
-        (one call into the library); returns the rows whose token the constraint refused and, per
-        constrained row, whether its matcher has terminated."""
-        g = step.guided
-        guides, kept, rows = [], [], []
-        for row, seq, guide in zip(g.rows, g.seqs, g.guides, strict=True):
-            # As _process: a finished sample, a discarded or unused token, an invalid token do not advance.
+    def _complete(self, step: _LaunchedStep, following: _LaunchedStep | None) -> list[CompletionOutput]:
+        """Collect and process ``step``. Its constrained rows' tokens advance their matchers, and
+        ``following`` (async: the step launched after it) gets its masks filled, on the decoder's thread
+        while this one processes ``step``'s outputs (sync: the matchers advance here)."""
+        tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
+        self._record(step, gpu_start, gpu_end)
+        refused: set[int] = set()
+        guides: list = []
+        kept: list[int] = []
+        if step.guided is not None:
+            refused, guides, kept = self._guided_tokens(step.guided, tokens)
+        if following is not None and following.guided is not None:
+            g = following.guided
+            g.masks = self.runner.token_masks(following.launched, g.rows)
+            g.filling = self.guided.submit(guides, kept, g.guides, g.masks)
+        elif guides:
+            if self.mode == "async":
+                self.guided.submit(guides, kept)
+            else:
+                self.guided.advance(guides, kept)
+        if step.batch.num_scored:
+            self._store_scores(step.batch, *self.runner.read_scores(step.launched))
+        top = self.runner.read_top_logprobs(step.launched) if step.launched.top else None
+        return self._process(step.batch, tokens, logprobs, top, refused)
+
+    @staticmethod
+    def _guided_tokens(g: _GuidedRows, tokens: list[int]) -> tuple[set[int], list, list[int]]:
+        """The constrained rows' tokens that ``_process`` will keep: the rows whose token the constraint
+        refuses (outside the mask it was drawn under, or a matcher marked broken), and the others'
+        guides and tokens, to advance the matchers with."""
+        positions, rows, guides, kept = [], [], [], []
+        for i, (row, seq, guide) in enumerate(zip(g.rows, g.seqs, g.guides, strict=True)):
+            # As _process: a finished sample, a discarded or unused token, an invalid token are not kept.
             if seq.is_finished or seq.discard_pending or seq.params.max_new_tokens == 0:
                 continue
             token = tokens[row]
             if token == INVALID_TOKEN:
                 continue
+            positions.append(i)
+            rows.append(row)
             guides.append(guide)
             kept.append(token)
-            rows.append(row)
-        ok, stopped = self.guided.accept(guides, kept)
-        refused = {row for row, a in zip(rows, ok, strict=True) if not a}
-        terminated = dict(zip(rows, stopped, strict=True))
-        return refused, [terminated.get(row, False) for row in g.rows]
-
-    def _complete(self, step: _LaunchedStep, following: _LaunchedStep | None) -> list[CompletionOutput]:
-        """Collect and process ``step``; ``following`` (async: the step launched after it) gets its masks
-        filled on the decoder's thread as soon as ``step``'s tokens have advanced the matchers."""
-        tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
-        self._record(step, gpu_start, gpu_end)
-        refused: set[int] = set()
-        if step.guided is not None:
-            refused, terminated = self._advance_matchers(step, tokens)
-            if following is not None and following.guided is not None:
-                # The following step's rows are mostly the same samples: skip those whose matcher has terminated.
-                done = {id(g) for g, t in zip(step.guided.guides, terminated, strict=True) if t}
-                following.guided.terminated = (
-                    [id(g) in done for g in following.guided.guides] if done else None
-                )
-        if following is not None and following.guided is not None:
-            self._start_fill(following, background=True)
-        if step.batch.num_scored:
-            self._store_scores(step.batch, *self.runner.read_scores(step.launched))
-        top = self.runner.read_top_logprobs(step.launched) if step.launched.top else None
-        return self._process(step.batch, tokens, logprobs, top, refused)
+        if not rows:
+            return set(), [], []
+        t = np.asarray(kept)
+        allowed = (g.masks.numpy()[np.asarray(positions), t >> 5] >> (t & 31)) & 1
+        refused = {rows[j] for j in np.flatnonzero(allowed == 0).tolist()}
+        refused |= {row for row, guide in zip(rows, guides, strict=True) if guide.broken}
+        if refused:
+            keep = [j for j, row in enumerate(rows) if row not in refused]
+            guides, kept = [guides[j] for j in keep], [kept[j] for j in keep]
+        return refused, guides, kept
 
     @staticmethod
     def _store_scores(
@@ -525,3 +529,5 @@ class LLMEngine:
                 self._launch_sampling(self._in_flight)
             self.runner.collect(self._in_flight.launched)
             self._in_flight = None
+        if self.guided is not None:
+            self.guided.wait()  # the matchers' last advance
