@@ -225,9 +225,7 @@ class LLMEngine:
                     self._launch_sampling(in_flight)
                 finished = self._complete(in_flight, current)
             elif current is not None and current.guided is not None:
-                g = current.guided
-                g.masks = self.runner.token_masks(current.launched, g.rows)
-                g.filling = self.guided.submit([], [], g.guides, g.masks)
+                self._start_fill(current)
             self._in_flight = current
         elif current is not None:
             if current.guided is not None:
@@ -250,6 +248,12 @@ class LLMEngine:
                 guides.append(guide)
         return _GuidedRows(rows, seqs, guides) if rows else None
 
+    def _start_fill(self, step: _LaunchedStep) -> None:
+        """Start filling a deferred step's masks on the decoder's thread (its matchers are up to date)."""
+        g = step.guided
+        g.masks = self.runner.token_masks(step.launched, g.rows)
+        g.filling = self.guided.start_fill(g.guides, g.masks)
+
     def _launch_sampling(self, step: _LaunchedStep) -> None:
         """Enqueue a deferred step's sampling, once its masks are filled."""
         g = step.guided
@@ -264,57 +268,35 @@ class LLMEngine:
         step.sampling_pending = False
 
     def _complete(self, step: _LaunchedStep, following: _LaunchedStep | None) -> list[CompletionOutput]:
-        """Collect and process ``step``. Its constrained rows' tokens advance their matchers, and
-        ``following`` (async: the step launched after it) gets its masks filled, on the decoder's thread
-        while this one processes ``step``'s outputs (sync: the matchers advance here)."""
+        """Collect and process ``step``. Its constrained rows' tokens advance their matchers first, then
+        ``following`` (async: the step launched after it) gets its masks filled on the decoder's thread
+        while this one processes ``step``'s outputs and prepares the next step."""
         tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
         self._record(step, gpu_start, gpu_end)
-        refused: set[int] = set()
-        guides: list = []
-        kept: list[int] = []
-        if step.guided is not None:
-            refused, guides, kept = self._guided_tokens(step.guided, tokens)
+        refused = self._advance_matchers(step.guided, tokens) if step.guided is not None else set()
         if following is not None and following.guided is not None:
-            g = following.guided
-            g.masks = self.runner.token_masks(following.launched, g.rows)
-            g.filling = self.guided.submit(guides, kept, g.guides, g.masks)
-        elif guides:
-            if self.mode == "async":
-                self.guided.submit(guides, kept)
-            else:
-                self.guided.advance(guides, kept)
+            self._start_fill(following)
         if step.batch.num_scored:
             self._store_scores(step.batch, *self.runner.read_scores(step.launched))
         top = self.runner.read_top_logprobs(step.launched) if step.launched.top else None
         return self._process(step.batch, tokens, logprobs, top, refused)
 
-    @staticmethod
-    def _guided_tokens(g: _GuidedRows, tokens: list[int]) -> tuple[set[int], list, list[int]]:
-        """The constrained rows' tokens that ``_process`` will keep: the rows whose token the constraint
-        refuses (outside the mask it was drawn under, or a matcher marked broken), and the others'
-        guides and tokens, to advance the matchers with."""
-        positions, rows, guides, kept = [], [], [], []
-        for i, (row, seq, guide) in enumerate(zip(g.rows, g.seqs, g.guides, strict=True)):
-            # As _process: a finished sample, a discarded or unused token, an invalid token are not kept.
+    def _advance_matchers(self, g: _GuidedRows, tokens: list[int]) -> set[int]:
+        """Advance the matchers of a collected step's constrained rows with the tokens ``_process`` will keep
+        (one call into the library); returns the rows whose token the constraint refused."""
+        rows, guides, kept = [], [], []
+        for row, seq, guide in zip(g.rows, g.seqs, g.guides, strict=True):
+            # As _process: a finished sample, a discarded or unused token, an invalid token do not advance.
             if seq.is_finished or seq.discard_pending or seq.params.max_new_tokens == 0:
                 continue
             token = tokens[row]
             if token == INVALID_TOKEN:
                 continue
-            positions.append(i)
             rows.append(row)
             guides.append(guide)
             kept.append(token)
-        if not rows:
-            return set(), [], []
-        t = np.asarray(kept)
-        allowed = (g.masks.numpy()[np.asarray(positions), t >> 5] >> (t & 31)) & 1
-        refused = {rows[j] for j in np.flatnonzero(allowed == 0).tolist()}
-        refused |= {row for row, guide in zip(rows, guides, strict=True) if guide.broken}
-        if refused:
-            keep = [j for j, row in enumerate(rows) if row not in refused]
-            guides, kept = [guides[j] for j in keep], [kept[j] for j in keep]
-        return refused, guides, kept
+        ok = self.guided.advance(guides, kept)
+        return {row for row, a in zip(rows, ok, strict=True) if not a}
 
     @staticmethod
     def _store_scores(
@@ -530,4 +512,4 @@ class LLMEngine:
             self.runner.collect(self._in_flight.launched)
             self._in_flight = None
         if self.guided is not None:
-            self.guided.wait()  # the matchers' last advance
+            self.guided.wait()

@@ -10,9 +10,8 @@ model takes the Qwen2 tokenizer (``--tokenizer``) and vocabulary, and the stub s
 row's token uniformly among those its mask allows (seeded; its own time is left out of the figures),
 as a random model's greedy choice under the mask would. The guided part of a step is timed apart.
 
-The matchers' advance and the mask fill run on the decoder's thread while the loop goes on; the
-loop's own guided work is the constrained rows' lists, their tokens' check, the job's submission and
-the wait for it.
+The mask fill runs on the decoder's thread while the loop goes on; the loop's own guided work is
+the constrained rows' lists, the matchers' advance, the fill's hand-off and the wait for it.
 
 Usage: python -m bench.scripts.engine_cpu_overhead [--temperature 1 --top-p 0.95] [--profile]
        python -m bench.scripts.engine_cpu_overhead --json-schema w2 [--guided-fraction 0] [--tokenizer DIR]
@@ -123,9 +122,9 @@ def stub_runner(engine: LLMEngine, timers: Timers, vocab: int) -> None:
 
 def instrument_guided(engine: LLMEngine, timers: Timers) -> None:
     """Time the guided parts of a step, once the decoder exists (after the first constrained request)."""
-    engine._guided_tokens = timers.wrap("tokens", engine._guided_tokens)
+    engine._advance_matchers = timers.wrap("advance", engine._advance_matchers)
     engine._guided_rows = timers.wrap("rows", engine._guided_rows)
-    engine.guided.submit = timers.wrap("submit", engine.guided.submit)
+    engine.guided.start_fill = timers.wrap("start_fill", engine.guided.start_fill)
     engine._launch_sampling = timers.wrap("launch_sampling", engine._launch_sampling)
     engine.runner.token_masks = timers.wrap("host_masks", engine.runner.token_masks)
 
@@ -214,19 +213,19 @@ def main(argv: list[str] | None = None) -> None:
 
         guided = engine.guided
         guided.wait()
-        print("  on the decoder's thread:")
-        line("matcher advance (library's batch accept)", guided.accept_s)
-        line("mask fill (library)", guided.fill_s)
         print("  on the loop's thread:")
         line("constrained rows of a step (_guided_rows)", s["rows"])
-        line("their tokens: kept, refused (_guided_tokens)", s["tokens"])
+        line("matcher advance (_advance_matchers)", s["advance"])
+        line("  of which the library's batch accept", guided.accept_s)
         line("host-mask buffer (token_masks)", s["host_masks"])
-        line("job submission", s["submit"])
+        line("fill hand-off to the decoder's thread", s["start_fill"])
         line("wait for the fill + sample launch", s["launch_sampling"] - s["stub"])
         main_thread = (
-            s["tokens"] + s["rows"] + s["host_masks"] + s["submit"] + s["launch_sampling"] - s["stub"]
+            s["advance"] + s["rows"] + s["host_masks"] + s["start_fill"] + s["launch_sampling"] - s["stub"]
         )
         line("all guided work on the loop's thread", main_thread)
+        print("  on the decoder's thread:")
+        line("mask fill (library)", guided.fill_s)
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 

@@ -3,14 +3,15 @@ its tokens, and the token masks of a step's constrained rows, filled on the CPU.
 
 Per step, the work is two calls into the library, whatever the number of rows: ``advance`` moves
 the matchers of a step's constrained rows past their tokens, ``fill`` writes the masks of the next
-step's constrained rows. The async loop runs both on the decoder's thread (``submit``; the library
-releases the GIL), while the loop processes outputs and prepares the next step. The tokens a constraint may not use are folded into its compiled
+step's constrained rows. The async loop runs the fill on the decoder's thread (``start_fill``; the
+library releases the GIL) while it processes outputs and prepares the next step. The tokens a constraint may not use are folded into its compiled
 grammar (``GrammarCompiler``), so a mask needs nothing after the library's fill.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,8 +35,6 @@ class Guide:
     matcher: Any
     terminated: bool = False
     """It accepted a stop token: the constraint is complete and the sample ends (no mask to fill)."""
-    broken: bool = False
-    """The library refused a token that its own mask allowed (not expected): the sample fails at its next token."""
 
 
 class GuidedDecoder:
@@ -74,20 +73,19 @@ class GuidedDecoder:
     def release(self, guide: Guide) -> None:
         self.live -= 1
 
-    def advance(self, guides: list[Guide], tokens: list[int]) -> None:
-        """Advance each of ``guides`` past its token, in one call into the library. The tokens were drawn
-        under the guides' masks, so the library accepts them; one it refuses marks its guide ``broken``."""
+    def advance(self, guides: list[Guide], tokens: list[int]) -> list[bool]:
+        """Advance each of ``guides`` past its token, in one call into the library; whether each token was
+        allowed (a refused one leaves its matcher as it was)."""
         if not guides:
-            return
+            return []
         start = time.perf_counter()
         ok = self._batch_accept([g.matcher for g in guides], tokens)
         stop = self._stop_ids
         for guide, accepted, token in zip(guides, ok, tokens, strict=True):
-            if not accepted:
-                guide.broken = True
-            elif token in stop:
+            if accepted and token in stop:
                 guide.terminated = True
         self.accept_s += time.perf_counter() - start
+        return ok
 
     def fill(self, guides: list[Guide], masks: torch.Tensor) -> None:
         """Row ``i`` of ``masks`` (int32 bitmask words, CPU) gets the tokens ``guides[i]`` allows next; a row
@@ -103,28 +101,27 @@ class GuidedDecoder:
         self.fill_s += time.perf_counter() - start
         self.rows_filled += len(guides)
 
-    def _advance_and_fill(self, guides, tokens, fill_guides, masks) -> None:
-        self.advance(guides, tokens)
-        if fill_guides:
-            self.fill(fill_guides, masks)
+    def start_fill(self, guides: list[Guide], masks: torch.Tensor) -> Future:
+        """``fill`` on the decoder's thread; the loop goes on meanwhile and waits on the returned future
+        before the masks are copied. The matchers must not advance until then.
 
-    def submit(
-        self,
-        guides: list[Guide],
-        tokens: list[int],
-        fill_guides: list[Guide] | None = None,
-        masks: torch.Tensor | None = None,
-    ) -> Future:
-        """On the decoder's thread (the library releases the GIL, so the loop goes on meanwhile): ``advance``
-        ``guides`` with ``tokens``, then ``fill`` the masks of ``fill_guides``. Jobs run in order; the
-        matchers must not be used elsewhere until the job is done (``wait``)."""
+        The library releases the GIL while it fills, but a thread waiting for the GIL gets it only when
+        the holder blocks or after the switch interval (5 ms): more than the loop's Python work until
+        it waits for the masks. So this returns once the decoder's thread holds the GIL and is about to
+        enter the library."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="guided")
-        self._last = self._pool.submit(self._advance_and_fill, guides, tokens, fill_guides, masks)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="guided-fill")
+        started = threading.Event()
+        self._last = self._pool.submit(self._fill_job, started, guides, masks)
+        started.wait()
         return self._last
 
+    def _fill_job(self, started: threading.Event, guides: list[Guide], masks: torch.Tensor) -> None:
+        started.set()
+        self.fill(guides, masks)
+
     def wait(self) -> None:
-        """Until every submitted job is done."""
+        """Until the last fill started is done."""
         if self._last is not None:
             self._last.result()
             self._last = None
