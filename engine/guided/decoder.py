@@ -53,6 +53,7 @@ class GuidedDecoder:
         self._batch_accept = xgr.BatchGrammarMatcher.batch_accept_token
         self._stop_ids = stop_ids
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._last: Future | None = None
         self.live = 0
         """Samples with a matcher that have not finished: while 0, the loop skips constrained decoding."""
@@ -109,8 +110,9 @@ class GuidedDecoder:
         the holder blocks or after the switch interval (5 ms): more than the loop's Python work until
         it waits for the masks. So this returns once the decoder's thread holds the GIL and is about to
         enter the library."""
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no thread of its own
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="guided-fill")
+            self._pool_pid = os.getpid()
         started = threading.Event()
         self._last = self._pool.submit(self._fill_job, started, guides, masks)
         started.wait()
