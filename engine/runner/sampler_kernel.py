@@ -1,28 +1,26 @@
 """Fused sampling on CUDA (Triton): the semantics of ``sampler.sample`` without sorting the vocabulary.
 
 Each row's vocabulary is cut into chunks of ``CHUNK`` tokens, and the passes every row needs run
-one program per (row, chunk), so that a step's few hundred rows fill the GPU; a short final launch
-(one program per row) combines them. The chunk count depends on the vocabulary only, so a row's
-result never depends on the batch around it.
+one program per (row, chunk) (``sampler_split``), so that a step's few hundred rows fill the GPU; a
+short final launch, one program per row, combines them. The chunk count depends on the vocabulary
+only, so a row's result never depends on the batch around it.
 
 Pass 1 finds the row's raw log-sum-exp and finiteness, the greedy argmax (after suppression and
 token masks) and the candidate: the argmax of ``logits / T + gumbel`` over the whole vocabulary,
-with the noise hashed in-kernel exactly as ``uniform_noise`` does. The filters (top-k, top-p,
-min-p) keep a prefix of the tokens in descending order of scaled logit (ties by index, as the
-reference's sort leaves them), and the Gumbel-max draw over a prefix is the global candidate
-whenever the candidate lies in it: a check pass decides that. When the candidate of a top-p or
-min-p row (without top-k) is rejected, rounds follow: the kept prefix lies wholly before the
-rejected candidate, so the draw over the tokens before it is the next candidate, one pass per
-round that checks a candidate and draws the next (a share of about 1 - top_p of the rows needs
-them, mostly one or two). The check pass and the first ``SPLIT_ROUNDS`` rounds run split over
-chunks; a row still unsettled continues in the final launch, alone.
-
-Rows with a top-k limit run in the final launch: a radix select of the boundary (four passes, one
-byte of the values' order-preserving integer keys each, a 256-bin histogram), a check pass, and
-on rejection a draw over the kept prefix. The top-p boundary under a top-k limit, or after
-``ROUNDS`` rounds, is found by a search over the keys, then one pass picks the boundary among tied
-tokens and one pass draws over the prefix. The launches have fixed shapes and no host syncs, so
-they can be captured in a CUDA graph.
+with the noise hashed in-kernel exactly as ``uniform_noise`` does. The filters keep a prefix of the
+tokens in descending order of scaled logit (ties by index, as the reference's sort leaves them),
+and the Gumbel-max draw over a prefix is the global candidate whenever the candidate lies in it.
+A top-k row first finds its boundary by a radix select (four passes, one byte of the values'
+order-preserving integer keys each, over the chunks' 256-bin histograms) and draws its candidate
+over its top-k set. A top-p or min-p filter is then settled by a check pass (the candidate's rank
+and the mass before it); a rejected candidate is followed by rounds: the kept prefix lies wholly
+before it, so the draw over the tokens before it is the next candidate, one pass per round that
+checks a candidate and draws the next (a share of about 1 - top_p of the rows needs them, mostly
+one or two). The check and the first ``SPLIT_ROUNDS`` rounds run split over chunks; a row still
+unsettled continues alone in the final launch, and after ``ROUNDS`` rounds finds the top-p
+boundary by a search over the keys, picks the boundary among tied tokens and draws over the
+prefix. A top-k row whose boundary cuts through tied tokens takes that sequential path from the
+start. The launches have fixed shapes and no host syncs, so they can be captured in a CUDA graph.
 
 Known differences from the reference, all at float-rounding boundaries: probability masses are
 summed in another order (a token whose mass before it equals top_p to the last bit may go either
@@ -36,6 +34,17 @@ from __future__ import annotations
 import torch
 
 from engine.runner.sampler import INVALID_TOKEN, SamplingTensors, TokenMask
+from engine.runner.sampler_split import (
+    check_round_kernel,
+    combine_pass1,
+    combine_round,
+    pass1_kernel,
+    radix_kernel,
+    row_context,
+    row_filters,
+    topk_candidate,
+    topk_draw_kernel,
+)
 from engine.runner.sampler_triton import (
     accepts,
     check_range,
@@ -45,7 +54,6 @@ from engine.runner.sampler_triton import (
     load_tile,
     pass1_range,
     round_range,
-    row_key,
     search,
     triton,
     unkey,
@@ -69,253 +77,6 @@ def fused_sampler_available(device: torch.device) -> bool:
 if triton is not None:
     _INVALID = tl.constexpr(INVALID_TOKEN)
 
-    @triton.jit
-    def _row(
-        X,
-        stride_x,
-        Sup,
-        stride_sup,
-        Mrow,
-        M,
-        stride_m,
-        Temp,
-        Seed,
-        Pos,
-        row,
-        K_SUP: tl.constexpr,
-        HAS_SUP: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-    ):
-        """A row's logits, suppressed ids, mask words, temperature and noise key."""
-        row_ptr = X + row.to(tl.int64) * stride_x
-        if HAS_SUP:
-            sup = tl.load(Sup + row.to(tl.int64) * stride_sup + tl.arange(0, K_SUP)).to(tl.int32)
-        else:
-            sup = tl.zeros((K_SUP,), tl.int32)
-        mptr = M
-        mon = tl.full((), 0, tl.int1)
-        if HAS_MASK:
-            mi = tl.load(Mrow + row)
-            mon = mi >= 0
-            mptr = M + tl.maximum(mi, 0).to(tl.int64) * stride_m
-        T = tl.load(Temp + row)
-        sampling = T > 0.0
-        Td = tl.where(sampling, T, 1.0)
-        rkey = row_key(tl.load(Seed + row), tl.load(Pos + row))
-        return row_ptr, sup, mptr, mon, sampling, Td, rkey
-
-    @triton.jit
-    def _filters(TopK, TopP, MinP, row, V, TOPKP: tl.constexpr, MINP: tl.constexpr):
-        """A row's filter settings: top-k on, top-p on, the top-k limit (V when off), top_p, min_p."""
-        use_k = tl.full((), 0, tl.int1)
-        use_p = tl.full((), 0, tl.int1)
-        k_eff = tl.full((), 0, tl.int32) + V
-        top_p = tl.full((), 1.0, tl.float32)
-        min_p = tl.zeros((), tl.float32)
-        if TOPKP:
-            top_k = tl.load(TopK + row)
-            top_p = tl.load(TopP + row)
-            use_k = (top_k > 0) & (top_k < V)
-            use_p = top_p < 1.0
-            k_eff = tl.where(use_k, top_k, V).to(tl.int32)
-        if MINP:
-            min_p = tl.load(MinP + row)
-        return use_k, use_p, k_eff, top_p, min_p
-
-    @triton.jit
-    def _combine_pass1(PF, PI, row, S, SP: tl.constexpr):
-        """Pass 1's partials of a row's chunks, combined in chunk order (ties to the lower index)."""
-        c = tl.arange(0, SP)
-        ok = c < S
-        base = (row.to(tl.int64) * SP + c) * 4
-        m = tl.load(PF + base, mask=ok, other=-3.0e38)
-        z = tl.load(PF + base + 1, mask=ok, other=0.0)
-        gv = tl.load(PF + base + 2, mask=ok, other=float("-inf"))
-        cv = tl.load(PF + base + 3, mask=ok, other=float("-inf"))
-        bad = tl.sum(tl.load(PI + base, mask=ok, other=0), axis=0)
-        m_raw = tl.max(m, axis=0)
-        z_raw = tl.sum(z * tl.exp(m - m_raw), axis=0)
-        g_val, j = tl.max(gv, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        g_idx = tl.sum(tl.where(c == j, tl.load(PI + base + 1, mask=ok, other=0), 0), axis=0)
-        c_val, j = tl.max(cv, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        c_idx = tl.sum(tl.where(c == j, tl.load(PI + base + 2, mask=ok, other=0), 0), axis=0)
-        return m_raw, z_raw, bad, g_val, g_idx, c_idx
-
-    @triton.jit
-    def _combine_round(RF, RI, buf, rows, row, S, SP: tl.constexpr):
-        """A split check or round's partials of a row: count and mass before, and the third field
-        (the total mass after a check, the next candidate's index after a round)."""
-        c = tl.arange(0, SP)
-        ok = c < S
-        base = ((buf * rows + row).to(tl.int64) * SP + c) * 2
-        before_n = tl.sum(tl.load(RI + base, mask=ok, other=0), axis=0)
-        before_m = tl.sum(tl.load(RF + base, mask=ok, other=0.0), axis=0)
-        third = tl.load(RF + base + 1, mask=ok, other=float("-inf"))
-        z_all = tl.sum(tl.where(ok, third, 0.0), axis=0)
-        _, j = tl.max(third, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        n_idx = tl.sum(tl.where(c == j, tl.load(RI + base + 1, mask=ok, other=0), 0), axis=0)
-        return before_n, before_m, z_all, n_idx
-
-    @triton.jit
-    def _pass1_kernel(
-        X,
-        stride_x,
-        Sup,
-        stride_sup,
-        Mrow,
-        M,
-        stride_m,
-        Temp,
-        Seed,
-        Pos,
-        PF,
-        PI,
-        V,
-        SP: tl.constexpr,
-        K_SUP: tl.constexpr,
-        HAS_SUP: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        SAMPLING: tl.constexpr,
-        WANT_LP: tl.constexpr,
-        CH: tl.constexpr,
-        TILE: tl.constexpr,
-    ):
-        row = tl.program_id(0)
-        c = tl.program_id(1)
-        row_ptr, sup, mptr, mon, sampling, Td, rkey = _row(
-            X, stride_x, Sup, stride_sup, Mrow, M, stride_m, Temp, Seed, Pos, row, K_SUP, HAS_SUP, HAS_MASK
-        )
-        lo = c * CH
-        m_raw, z_raw, bad, g_val, g_idx, c_val, c_idx = pass1_range(
-            row_ptr,
-            lo,
-            tl.minimum(lo + CH, V),
-            V,
-            sup,
-            mptr,
-            mon,
-            rkey,
-            Td,
-            sampling,
-            SAMPLING,
-            WANT_LP,
-            TILE,
-            HAS_SUP,
-            HAS_MASK,
-        )
-        base = (row.to(tl.int64) * SP + c) * 4
-        tl.store(PF + base, m_raw)
-        tl.store(PF + base + 1, z_raw)
-        tl.store(PF + base + 2, g_val)
-        tl.store(PF + base + 3, c_val)
-        tl.store(PI + base, bad)
-        tl.store(PI + base + 1, g_idx)
-        tl.store(PI + base + 2, c_idx)
-
-    # Launch sizes vary by step: not specialising on them keeps one compiled kernel for every step size.
-    @triton.jit(do_not_specialize=["rows", "S", "r"])
-    def _split_kernel(
-        X,
-        stride_x,
-        Sup,
-        stride_sup,
-        Mrow,
-        M,
-        stride_m,
-        Temp,
-        TopK,
-        TopP,
-        MinP,
-        Seed,
-        Pos,
-        PF,
-        PI,
-        RF,
-        RI,
-        SF,
-        SI,
-        V,
-        rows,
-        S,
-        r,
-        SP: tl.constexpr,
-        K_SUP: tl.constexpr,
-        HAS_SUP: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        TOPKP: tl.constexpr,
-        MINP: tl.constexpr,
-        CH: tl.constexpr,
-        TILE: tl.constexpr,
-    ):
-        """``r`` = 0: the check pass of each row's candidate; ``r`` >= 1: round ``r``. Rows with a
-        top-k limit, without a top-p / min-p filter, or not sampling are left to the final launch."""
-        row = tl.program_id(0)
-        c = tl.program_id(1)
-        row_ptr, sup, mptr, mon, sampling, Td, rkey = _row(
-            X, stride_x, Sup, stride_sup, Mrow, M, stride_m, Temp, Seed, Pos, row, K_SUP, HAS_SUP, HAS_MASK
-        )
-        use_k, use_p, k_eff, top_p, min_p = _filters(TopK, TopP, MinP, row, V, TOPKP, MINP)
-        m_raw, z_raw, bad, g_val, g_idx, c_idx = _combine_pass1(PF, PI, row, S, SP)
-        if sampling & (bad == 0) & ~use_k & (use_p | (min_p > 0.0)):
-            m_s = tl.math.div_rn(g_val, Td)
-            lo = c * CH
-            hi = tl.minimum(lo + CH, V)
-            cur = r % 2
-            if r == 0:
-                kc = key_of(tl.math.div_rn(tl.load(row_ptr + c_idx).to(tl.float32), Td))
-                KEY_LOW = key_of(tl.full((), float("-inf"), tl.float32))
-                before_n, before_m, z_all, _ = check_range(
-                    row_ptr, lo, hi, V, sup, mptr, mon, Td, m_s, kc, c_idx, KEY_LOW, TILE, HAS_SUP, HAS_MASK
-                )
-                base = ((cur * rows + row).to(tl.int64) * SP + c) * 2
-                tl.store(RI + base, before_n)
-                tl.store(RF + base, before_m)
-                tl.store(RF + base + 1, z_all)
-            else:
-                prev = 1 - cur
-                if r == 1:  # settle the check pass
-                    before_n, before_m, Z, _ = _combine_round(RF, RI, prev, rows, row, S, SP)
-                    e_c = tl.exp(tl.math.div_rn(tl.load(row_ptr + c_idx).to(tl.float32), Td) - m_s)
-                    done = accepts(before_n, before_m, Z, e_c, k_eff, use_p, top_p, min_p, MINP)
-                    cand = c_idx
-                else:  # settle round r - 1
-                    cand = tl.load(SI + (prev * rows + row) * 2)
-                    done = tl.load(SI + (prev * rows + row) * 2 + 1) != 0
-                    Z = tl.load(SF + prev * rows + row)
-                    if done == 0:
-                        before_n, before_m, _, n_idx = _combine_round(RF, RI, prev, rows, row, S, SP)
-                        e_c = tl.exp(tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td) - m_s)
-                        done = accepts(before_n, before_m, Z, e_c, k_eff, use_p, top_p, min_p, MINP)
-                        cand = tl.where(done, cand, n_idx)
-                if c == 0:
-                    tl.store(SI + (cur * rows + row) * 2, cand)
-                    tl.store(SI + (cur * rows + row) * 2 + 1, done.to(tl.int32))
-                    tl.store(SF + cur * rows + row, Z)
-                if done == 0:
-                    k_cand = key_of(tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td))
-                    before_n, before_m, n_val, n_idx = round_range(
-                        row_ptr,
-                        lo,
-                        hi,
-                        V,
-                        sup,
-                        mptr,
-                        mon,
-                        rkey,
-                        Td,
-                        m_s,
-                        k_cand,
-                        cand,
-                        TILE,
-                        HAS_SUP,
-                        HAS_MASK,
-                    )
-                    base = ((cur * rows + row).to(tl.int64) * SP + c) * 2
-                    tl.store(RI + base, before_n)
-                    tl.store(RI + base + 1, n_idx)
-                    tl.store(RF + base, before_m)
-                    tl.store(RF + base + 1, n_val)
-
     @triton.jit(do_not_specialize=["rows", "S"])
     def _final_kernel(
         X,
@@ -333,6 +94,9 @@ if triton is not None:
         Pos,
         PF,
         PI,
+        HS,
+        TF,
+        TI,
         RF,
         RI,
         SF,
@@ -357,10 +121,10 @@ if triton is not None:
         ROUNDS: tl.constexpr,
     ):
         row = tl.program_id(0)
-        row_ptr, sup, mptr, mon, sampling, Td, rkey = _row(
+        row_ptr, sup, mptr, mon, sampling, Td, rkey = row_context(
             X, stride_x, Sup, stride_sup, Mrow, M, stride_m, Temp, Seed, Pos, row, K_SUP, HAS_SUP, HAS_MASK
         )
-        m_raw, z_raw, bad, g_val, g_idx, c_idx = _combine_pass1(PF, PI, row, S, SP)
+        m_raw, z_raw, bad, g_val, g_idx, c_idx = combine_pass1(PF, PI, row, S, SP)
         finite = bad == 0
         tok = g_idx
 
@@ -368,9 +132,8 @@ if triton is not None:
             if sampling & finite:
                 tok = c_idx
                 if TOPKP or MINP:
-                    use_k, use_p, k_eff, top_p, min_p = _filters(TopK, TopP, MinP, row, V, TOPKP, MINP)
+                    use_k, use_p, k_eff, top_p, min_p = row_filters(TopK, TopP, MinP, row, V, TOPKP, MINP)
                     m_s = tl.math.div_rn(g_val, Td)
-                    e_c = tl.exp(tl.math.div_rn(tl.load(row_ptr + c_idx).to(tl.float32), Td) - m_s)
                     KEY_LOW = key_of(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
                     # The kept prefix: tokens with key above kB, and the first nB tokens with key kB.
                     kB = KEY_LOW
@@ -378,17 +141,24 @@ if triton is not None:
                     Z = tl.zeros((), tl.float32)
                     accept = tl.full((), 1, tl.int1)
                     cand = c_idx
-                    if ~use_k & (use_p | (min_p > 0.0)):  # settled, or begun, by the split launches
+                    tied = tl.full((), 0, tl.int1)  # a top-k boundary through tied tokens: all here, alone
+                    if TOPKP:  # noqa: SIM102
+                        if use_k:
+                            split, kB, nB, c_k, Z = topk_candidate(HS, TF, TI, rows, row, S, SP, k_eff, m_s)
+                            cand = c_k
+                            tied = ~split
+                    if (use_p | (min_p > 0.0)) & ~tied:  # settled, or begun, by the split launches
                         last = SPLIT_R % 2
                         if SPLIT_R == 0:
-                            before_n, before_m, Z, _ = _combine_round(RF, RI, last, rows, row, S, SP)
+                            before_n, before_m, Z, _ = combine_round(RF, RI, last, rows, row, S, SP)
+                            e_c = tl.exp(tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td) - m_s)
                             accept = accepts(before_n, before_m, Z, e_c, k_eff, use_p, top_p, min_p, MINP)
                         else:
                             cand = tl.load(SI + (last * rows + row) * 2)
                             accept = tl.load(SI + (last * rows + row) * 2 + 1) != 0
                             Z = tl.load(SF + last * rows + row)
                             if accept == 0:
-                                before_n, before_m, _, n_idx = _combine_round(RF, RI, last, rows, row, S, SP)
+                                before_n, before_m, _, n_idx = combine_round(RF, RI, last, rows, row, S, SP)
                                 s_cand = tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td)
                                 accept = accepts(
                                     before_n,
@@ -402,41 +172,63 @@ if triton is not None:
                                     MINP,
                                 )
                                 cand = tl.where(accept, cand, n_idx)
-                    if use_k:
+                    if tied:
+                        # The candidate over the whole vocabulary (pass 1 skipped it for top-k rows), the
+                        # boundary and the check, in this program.
+                        _, _, _, _, _, _, cand = pass1_range(
+                            row_ptr,
+                            0,
+                            V,
+                            V,
+                            sup,
+                            mptr,
+                            mon,
+                            rkey,
+                            Td,
+                            sampling,
+                            True,
+                            False,
+                            TILE,
+                            HAS_SUP,
+                            HAS_MASK,
+                        )
                         kB, above_k = kth_key(
                             row_ptr, V, sup, mptr, mon, Td, k_eff, TILE_S, HAS_SUP, HAS_MASK
                         )
                         nB = k_eff - above_k
-                        kc = key_of(tl.math.div_rn(tl.load(row_ptr + c_idx).to(tl.float32), Td))
+                        s_c = tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td)
                         before_n, before_m, z_all, mass_k = check_range(
-                            row_ptr, 0, V, V, sup, mptr, mon, Td, m_s, kc, c_idx, kB, TILE, HAS_SUP, HAS_MASK
+                            row_ptr,
+                            0,
+                            V,
+                            V,
+                            sup,
+                            mptr,
+                            mon,
+                            Td,
+                            m_s,
+                            key_of(s_c),
+                            cand,
+                            kB,
+                            TILE,
+                            HAS_SUP,
+                            HAS_MASK,
                         )
                         # The top-k set's mass: the tokens above kB and nB of those at kB.
                         Z = mass_k + nB.to(tl.float32) * tl.exp(unkey(kB.to(tl.int32)) - m_s)
-                        accept = accepts(before_n, before_m, Z, e_c, k_eff, use_p, top_p, min_p, MINP)
-                    if accept == 0 and use_k == 0:
+                        accept = accepts(
+                            before_n, before_m, Z, tl.exp(s_c - m_s), k_eff, use_p, top_p, min_p, MINP
+                        )
+                    if accept == 0 and tied == 0:
                         # Rounds: the kept set is a prefix of the order, so it lies wholly before a
                         # rejected candidate; the draw over what lies before it is the next candidate.
                         rounds = tl.zeros((), tl.int32)
                         while (accept == 0) & (rounds < ROUNDS):
                             s_cand = tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td)
                             before_n, before_m, n_val, n_idx = round_range(
-                                row_ptr,
-                                0,
-                                V,
-                                V,
-                                sup,
-                                mptr,
-                                mon,
-                                rkey,
-                                Td,
-                                m_s,
-                                key_of(s_cand),
-                                cand,
-                                TILE,
-                                HAS_SUP,
-                                HAS_MASK,
-                            )
+                                row_ptr, 0, V, V, sup, mptr, mon, rkey, Td, m_s, key_of(s_cand), cand,
+                                TILE, HAS_SUP, HAS_MASK,
+                            )  # fmt: skip
                             accept = accepts(
                                 before_n, before_m, Z, tl.exp(s_cand - m_s), k_eff, use_p, top_p, min_p, MINP
                             )
@@ -541,80 +333,39 @@ def sample_fused(
     chunks = triton.cdiv(vocab, CHUNK)
     sp = triton.next_power_of_2(chunks)
     filters = st.any_sampling and (st.any_top_k_top_p or st.any_min_p)
+    top_k = st.any_sampling and st.any_top_k_top_p
     split_rounds = SPLIT_ROUNDS if filters else 0
-    pf = torch.empty(rows, sp, 4, dtype=torch.float32, device=dev)
-    pi = torch.empty(rows, sp, 4, dtype=torch.int32, device=dev)
-    rf = torch.empty(2, rows, sp, 2, dtype=torch.float32, device=dev) if filters else pf
-    ri = torch.empty(2, rows, sp, 2, dtype=torch.int32, device=dev) if filters else pi
-    sf = torch.empty(2, rows, dtype=torch.float32, device=dev) if filters else pf
-    si = torch.empty(2, rows, 2, dtype=torch.int32, device=dev) if filters else pi
-    row_args = (logits, logits.stride(0), sup, sup.stride(0), mrow, words, words.stride(0))
-    flags = dict(K_SUP=max(sup.shape[1], 1), HAS_SUP=k_sup > 0, HAS_MASK=mask is not None)
-    _pass1_kernel[(rows, chunks)](
-        *row_args,
-        st.temperature,
-        st.seed,
-        st.position,
-        pf,
-        pi,
-        vocab,
-        SP=sp,
-        **flags,
-        SAMPLING=st.any_sampling,
-        WANT_LP=want_logprobs,
-        CH=CHUNK,
-        TILE=TILE,
-        num_warps=8,
+
+    def scratch(*shape: int, dtype: torch.dtype = torch.int32, needed: bool = True) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=dev) if needed else tokens  # unread when not needed
+
+    pf, pi = scratch(rows, sp, 4, dtype=torch.float32), scratch(rows, sp, 4)
+    hs = scratch(4, rows, sp, 256, needed=top_k)
+    tf, ti = scratch(rows, sp, 2, dtype=torch.float32, needed=top_k), scratch(rows, sp, needed=top_k)
+    rf, ri = (
+        scratch(2, rows, sp, 2, dtype=torch.float32, needed=filters),
+        scratch(2, rows, sp, 2, needed=filters),
     )
-    params = (st.temperature, st.top_k, st.top_p, st.min_p, st.seed, st.position)
+    sf, si = scratch(2, rows, dtype=torch.float32, needed=filters), scratch(2, rows, 2, needed=filters)
+    args = (logits, logits.stride(0), sup, sup.stride(0), mrow, words, words.stride(0))
+    args += (st.temperature, st.top_k, st.top_p, st.min_p, st.seed, st.position, pf, pi)
+    flags = dict(SP=sp, K_SUP=max(sup.shape[1], 1), HAS_SUP=k_sup > 0, HAS_MASK=mask is not None, num_warps=8)
+    split = dict(CH=CHUNK, TILE=TILE, **flags)
+    grid = (rows, chunks)
+    pass1_kernel[grid](*args, vocab, SAMPLING=st.any_sampling, TOPKP=top_k, WANT_LP=want_logprobs, **split)
+    if top_k:
+        for j in range(4):
+            radix_kernel[grid](*args, hs, vocab, rows, chunks, j, **split)
+        topk_draw_kernel[grid](*args, hs, tf, ti, vocab, rows, chunks, **split)
     if filters:
         for r in range(split_rounds + 1):
-            _split_kernel[(rows, chunks)](
-                *row_args,
-                *params,
-                pf,
-                pi,
-                rf,
-                ri,
-                sf,
-                si,
-                vocab,
-                rows,
-                chunks,
-                r,
-                SP=sp,
-                **flags,
-                TOPKP=st.any_top_k_top_p,
-                MINP=st.any_min_p,
-                CH=CHUNK,
-                TILE=TILE,
-                num_warps=8,
-            )
+            check_round_kernel[grid](
+                *args, hs, tf, ti, rf, ri, sf, si, vocab, rows, chunks, r,
+                TOPKP=st.any_top_k_top_p, MINP=st.any_min_p, **split,
+            )  # fmt: skip
     _final_kernel[(rows,)](
-        *row_args,
-        *params,
-        pf,
-        pi,
-        rf,
-        ri,
-        sf,
-        si,
-        tokens,
-        logprobs,
-        vocab,
-        rows,
-        chunks,
-        SP=sp,
-        **flags,
-        SAMPLING=st.any_sampling,
-        TOPKP=st.any_top_k_top_p,
-        MINP=st.any_min_p,
-        WANT_LP=want_logprobs,
-        SPLIT_R=split_rounds,
-        TILE=TILE,
-        TILE_S=512,
-        NB=16,
-        ROUNDS=32,
-        num_warps=8,
-    )
+        *args, hs, tf, ti, rf, ri, sf, si, tokens, logprobs, vocab, rows, chunks,
+        SAMPLING=st.any_sampling, TOPKP=st.any_top_k_top_p, MINP=st.any_min_p, WANT_LP=want_logprobs,
+        SPLIT_R=split_rounds, TILE=TILE, TILE_S=512, NB=16, ROUNDS=32, **flags,
+    )  # fmt: skip
     return tokens, logprobs

@@ -293,31 +293,91 @@ if triton is not None:
         return lo, above, mass_above
 
     @triton.jit
+    def digit_hist_range(
+        row_ptr,
+        lo,
+        hi,
+        V,
+        sup,
+        mptr,
+        mon,
+        T,
+        prefix,
+        shift,
+        TILE: tl.constexpr,
+        HAS_SUP: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+    ):
+        """256-bin histogram, over tiles ``[lo, hi)``, of the byte at ``shift`` of the scaled logits'
+        unsigned order keys, among the tokens whose higher bytes are ``prefix``'s."""
+        hist = tl.zeros((256,), tl.int32)
+        for start in range(lo, hi, TILE):
+            idx, valid, x, xs = load_tile(row_ptr, start, V, sup, mptr, mon, TILE, HAS_SUP, HAS_MASK)
+            u = key_of(tl.math.div_rn(xs, T)).to(tl.int64) + 2147483648  # unsigned order
+            match = valid & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
+        return hist
+
+    @triton.jit
+    def radix_digit(hist, prefix, need, above, shift):
+        """One radix-select step: the byte at ``shift`` of the ``need``-th largest key among those sharing
+        ``prefix`` (from their histogram ``hist``). Returns the longer prefix, the rank sought among
+        the tokens sharing it, the count of tokens above it, and the count sharing it."""
+        bins = tl.arange(0, 256)
+        higher = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)  # tokens in bins above each bin
+        ok = (higher < need) & (need <= higher + hist)
+        d = tl.max(tl.where(ok, bins, -1), axis=0)
+        sel = bins == d
+        gt = tl.sum(tl.where(sel, higher, 0), axis=0)
+        cnt = tl.sum(tl.where(sel, hist, 0), axis=0)
+        return prefix + (d.to(tl.int64) << shift), need - gt, above + gt, cnt
+
+    @triton.jit
     def kth_key(
         row_ptr, V, sup, mptr, mon, T, k, TILE: tl.constexpr, HAS_SUP: tl.constexpr, HAS_MASK: tl.constexpr
     ):
         """Radix select of the ``k``-th largest scaled logit: its key and the count of tokens strictly
         above it (four passes, one byte of the order-preserving key each, a 256-bin histogram)."""
-        bins = tl.arange(0, 256)
         prefix = tl.zeros((), tl.int64)  # the key's bytes fixed so far, as an unsigned value
         need = k  # the rank sought among the tokens that share the prefix (1-based)
         above = tl.zeros((), tl.int32)
         for j in tl.static_range(4):
-            shift = 24 - 8 * j
-            hist = tl.zeros((256,), tl.int32)
-            for start in range(0, V, TILE):
-                idx, valid, x, xs = load_tile(row_ptr, start, V, sup, mptr, mon, TILE, HAS_SUP, HAS_MASK)
-                u = key_of(tl.math.div_rn(xs, T)).to(tl.int64) + 2147483648  # unsigned order
-                match = valid
-                if j > 0:
-                    match = valid & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-                digit = ((u >> shift) & 255).to(tl.int32)
-                hist += tl.histogram(digit, 256, mask=match)
-            higher = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)  # tokens in bins above each bin
-            ok = (higher < need) & (need <= higher + hist)
-            d = tl.max(tl.where(ok, bins, -1), axis=0)
-            gt = tl.sum(tl.where(bins == d, higher, 0), axis=0)
-            need -= gt
-            above += gt
-            prefix += d.to(tl.int64) << shift
+            hist = digit_hist_range(
+                row_ptr, 0, V, V, sup, mptr, mon, T, prefix, 24 - 8 * j, TILE, HAS_SUP, HAS_MASK
+            )
+            prefix, need, above, _ = radix_digit(hist, prefix, need, above, 24 - 8 * j)
         return prefix - 2147483648, above
+
+    @triton.jit
+    def topk_range(
+        row_ptr,
+        lo,
+        hi,
+        V,
+        sup,
+        mptr,
+        mon,
+        rkey,
+        Td,
+        m_s,
+        kB,
+        TILE: tl.constexpr,
+        HAS_SUP: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+    ):
+        """Over tiles ``[lo, hi)``: the Gumbel-max draw among the tokens with key ``kB`` or above, and
+        the mass (exp(s - m_s)) of those strictly above ``kB``."""
+        n_vec = tl.full((TILE,), float("-inf"), tl.float32)
+        ni_vec = tl.zeros((TILE,), tl.int32)
+        mass = tl.zeros((TILE,), tl.float32)
+        for start in range(lo, hi, TILE):
+            idx, valid, x, xs = load_tile(row_ptr, start, V, sup, mptr, mon, TILE, HAS_SUP, HAS_MASK)
+            s = tl.math.div_rn(xs, Td)
+            key = key_of(s)
+            mass += tl.where(valid & (key > kB), tl.exp(s - m_s), 0.0)
+            v = tl.where(valid & (key >= kB), s + gumbel(rkey, idx), float("-inf"))
+            up = v > n_vec
+            n_vec = tl.where(up, v, n_vec)
+            ni_vec = tl.where(up, idx, ni_vec)
+        n_val, n_idx = first_max(n_vec, ni_vec)
+        return n_val, tl.where(n_val == float("-inf"), 0, n_idx), tl.sum(mass, axis=0)
