@@ -47,12 +47,9 @@ from engine.runner.sampler_split import (
 )
 from engine.runner.sampler_triton import (
     accepts,
-    check_range,
     gumbel,
     key_of,
-    kth_key,
     load_tile,
-    pass1_range,
     round_range,
     search,
     triton,
@@ -141,13 +138,10 @@ if triton is not None:
                     Z = tl.zeros((), tl.float32)
                     accept = tl.full((), 1, tl.int1)
                     cand = c_idx
-                    tied = tl.full((), 0, tl.int1)  # a top-k boundary through tied tokens: all here, alone
                     if TOPKP:  # noqa: SIM102
                         if use_k:
-                            split, kB, nB, c_k, Z = topk_candidate(HS, TF, TI, rows, row, S, SP, k_eff, m_s)
-                            cand = c_k
-                            tied = ~split
-                    if (use_p | (min_p > 0.0)) & ~tied:  # settled, or begun, by the split launches
+                            kB, nB, cand, Z = topk_candidate(HS, TF, TI, rows, row, S, SP, k_eff, m_s)
+                    if use_p | (min_p > 0.0):  # settled, or begun, by the split launches
                         last = SPLIT_R % 2
                         if SPLIT_R == 0:
                             before_n, before_m, Z, _ = combine_round(RF, RI, last, rows, row, S, SP)
@@ -172,54 +166,7 @@ if triton is not None:
                                     MINP,
                                 )
                                 cand = tl.where(accept, cand, n_idx)
-                    if tied:
-                        # The candidate over the whole vocabulary (pass 1 skipped it for top-k rows), the
-                        # boundary and the check, in this program.
-                        _, _, _, _, _, _, cand = pass1_range(
-                            row_ptr,
-                            0,
-                            V,
-                            V,
-                            sup,
-                            mptr,
-                            mon,
-                            rkey,
-                            Td,
-                            sampling,
-                            True,
-                            False,
-                            TILE,
-                            HAS_SUP,
-                            HAS_MASK,
-                        )
-                        kB, above_k = kth_key(
-                            row_ptr, V, sup, mptr, mon, Td, k_eff, TILE_S, HAS_SUP, HAS_MASK
-                        )
-                        nB = k_eff - above_k
-                        s_c = tl.math.div_rn(tl.load(row_ptr + cand).to(tl.float32), Td)
-                        before_n, before_m, z_all, mass_k = check_range(
-                            row_ptr,
-                            0,
-                            V,
-                            V,
-                            sup,
-                            mptr,
-                            mon,
-                            Td,
-                            m_s,
-                            key_of(s_c),
-                            cand,
-                            kB,
-                            TILE,
-                            HAS_SUP,
-                            HAS_MASK,
-                        )
-                        # The top-k set's mass: the tokens above kB and nB of those at kB.
-                        Z = mass_k + nB.to(tl.float32) * tl.exp(unkey(kB.to(tl.int32)) - m_s)
-                        accept = accepts(
-                            before_n, before_m, Z, tl.exp(s_c - m_s), k_eff, use_p, top_p, min_p, MINP
-                        )
-                    if accept == 0 and tied == 0:
+                    if accept == 0:
                         # Rounds: the kept set is a prefix of the order, so it lies wholly before a
                         # rejected candidate; the draw over what lies before it is the next candidate.
                         rounds = tl.zeros((), tl.int32)

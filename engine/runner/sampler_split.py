@@ -5,8 +5,9 @@ the final one, ``sampler_kernel``) combines in chunk order.
 - ``pass1_kernel``: raw log-sum-exp, finiteness, greedy argmax, and the candidate draw over the whole
   vocabulary (rows without a top-k limit).
 - ``radix_kernel`` (pass ``j`` of 4) and ``topk_draw_kernel``: a top-k row's boundary by radix select
-  over the chunks' histograms, then the draw over its top-k set (the candidate of such a row) and
-  that set's mass. A row whose boundary cuts through tied tokens is left to the final launch.
+  over the chunks' histograms, then the draw over its top-k set (the candidate of such a row; the
+  tokens tied at the boundary are kept by index, counted per chunk from the last histogram) and
+  that set's mass.
 - ``check_round_kernel``: ``r`` = 0 the check pass of each filtered row's candidate (its rank and the
   mass before it), ``r`` >= 1 round ``r`` (settle the previous candidate; if rejected, draw the next
   among the tokens before it).
@@ -139,9 +140,8 @@ if triton is not None:
 
     @triton.jit
     def topk_candidate(HS, TF, TI, rows, row, S, SP: tl.constexpr, k_eff, m_s):
-        """A top-k row's boundary and draw: whether the split launches drew it (every token tied at the
-        boundary is kept), the boundary key kB, how many tokens at kB are kept (nB), the candidate
-        (the draw over the top-k set) and the set's mass."""
+        """A top-k row's boundary key kB, how many tokens at kB are kept (nB), its candidate (the draw
+        over the top-k set) and the set's mass."""
         prefix, need, above, cnt = radix_state(HS, 4, rows, row, S, SP, k_eff)
         kB = prefix - 2147483648
         c = tl.arange(0, SP)
@@ -152,7 +152,7 @@ if triton is not None:
         c_k = tl.sum(tl.where(c == j, tl.load(TI + row.to(tl.int64) * SP + c, mask=ok, other=0), 0), axis=0)
         mass = tl.sum(tl.load(TF + base + 1, mask=ok, other=0.0), axis=0)
         Z_k = mass + need.to(tl.float32) * tl.exp(unkey(kB.to(tl.int32)) - m_s)
-        return need == cnt, kB, need, c_k, Z_k
+        return kB, need, c_k, Z_k
 
     @triton.jit
     def pass1_kernel(X, stride_x, Sup, stride_sup, Mrow, M, stride_m, Temp, TopK, TopP, MinP, Seed, Pos, PF,
@@ -226,16 +226,21 @@ if triton is not None:
         m_raw, z_raw, bad, g_val, g_idx, c_idx = combine_pass1(PF, PI, row, S, SP)
         if sampling & (bad == 0) & use_k:
             prefix, need, above, cnt = radix_state(HS, 4, rows, row, S, SP, k_eff)
-            if need == cnt:
-                lo = c * CH
-                n_val, n_idx, mass = topk_range(
-                    row_ptr, lo, tl.minimum(lo + CH, V), V, sup, mptr, mon, rkey, Td,
-                    tl.math.div_rn(g_val, Td), prefix - 2147483648, TILE, HAS_SUP, HAS_MASK,
-                )  # fmt: skip
-                base = (row.to(tl.int64) * SP + c) * 2
-                tl.store(TF + base, n_val)
-                tl.store(TF + base + 1, mass)
-                tl.store(TI + row.to(tl.int64) * SP + c, n_idx)
+            # Tokens tied at the boundary key, per chunk: the last pass's histogram bin of its last byte.
+            cs = tl.arange(0, SP)
+            ties = tl.load(
+                HS + ((3 * rows + row).to(tl.int64) * SP + cs) * 256 + (prefix & 255), mask=cs < S, other=0
+            )
+            lo = c * CH
+            n_val, n_idx, mass = topk_range(
+                row_ptr, lo, tl.minimum(lo + CH, V), V, sup, mptr, mon, rkey, Td, tl.math.div_rn(g_val, Td),
+                prefix - 2147483648, need, tl.sum(tl.where(cs < c, ties, 0), axis=0),
+                tl.sum(tl.where(cs == c, ties, 0), axis=0), TILE, HAS_SUP, HAS_MASK,
+            )  # fmt: skip
+            base = (row.to(tl.int64) * SP + c) * 2
+            tl.store(TF + base, n_val)
+            tl.store(TF + base + 1, mass)
+            tl.store(TI + row.to(tl.int64) * SP + c, n_idx)
 
     @triton.jit(do_not_specialize=["rows", "S", "r"])
     def check_round_kernel(X, stride_x, Sup, stride_sup, Mrow, M, stride_m, Temp, TopK, TopP, MinP, Seed, Pos,
@@ -243,7 +248,7 @@ if triton is not None:
                            K_SUP: tl.constexpr, HAS_SUP: tl.constexpr, HAS_MASK: tl.constexpr,
                            TOPKP: tl.constexpr, MINP: tl.constexpr, CH: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
         """``r`` = 0: the check pass of each filtered row's candidate; ``r`` >= 1: round ``r``. Rows that are
-        not sampling, have no top-p / min-p filter, or whose top-k boundary cuts through ties are skipped."""
+        not sampling or have no top-p / min-p filter are skipped."""
         row = tl.program_id(0)
         c = tl.program_id(1)
         row_ptr, sup, mptr, mon, sampling, Td, rkey = row_context(
@@ -254,12 +259,10 @@ if triton is not None:
         m_s = tl.math.div_rn(g_val, Td)
         cand0 = c_idx
         Z_k = tl.zeros((), tl.float32)
-        split = tl.full((), 1, tl.int1)
         if TOPKP:  # noqa: SIM102 (a compile-time and a run-time condition)
             if use_k:
-                split, kB, nB, c_k, Z_k = topk_candidate(HS, TF, TI, rows, row, S, SP, k_eff, m_s)
-                cand0 = c_k
-        if sampling & (bad == 0) & (use_p | (min_p > 0.0)) & split:
+                kB, nB, cand0, Z_k = topk_candidate(HS, TF, TI, rows, row, S, SP, k_eff, m_s)
+        if sampling & (bad == 0) & (use_p | (min_p > 0.0)):
             lo = c * CH
             hi = tl.minimum(lo + CH, V)
             cur = r % 2

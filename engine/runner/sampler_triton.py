@@ -333,22 +333,6 @@ if triton is not None:
         return prefix + (d.to(tl.int64) << shift), need - gt, above + gt, cnt
 
     @triton.jit
-    def kth_key(
-        row_ptr, V, sup, mptr, mon, T, k, TILE: tl.constexpr, HAS_SUP: tl.constexpr, HAS_MASK: tl.constexpr
-    ):
-        """Radix select of the ``k``-th largest scaled logit: its key and the count of tokens strictly
-        above it (four passes, one byte of the order-preserving key each, a 256-bin histogram)."""
-        prefix = tl.zeros((), tl.int64)  # the key's bytes fixed so far, as an unsigned value
-        need = k  # the rank sought among the tokens that share the prefix (1-based)
-        above = tl.zeros((), tl.int32)
-        for j in tl.static_range(4):
-            hist = digit_hist_range(
-                row_ptr, 0, V, V, sup, mptr, mon, T, prefix, 24 - 8 * j, TILE, HAS_SUP, HAS_MASK
-            )
-            prefix, need, above, _ = radix_digit(hist, prefix, need, above, 24 - 8 * j)
-        return prefix - 2147483648, above
-
-    @triton.jit
     def topk_range(
         row_ptr,
         lo,
@@ -361,21 +345,34 @@ if triton is not None:
         Td,
         m_s,
         kB,
+        nB,
+        ties_before,
+        ties_here,
         TILE: tl.constexpr,
         HAS_SUP: tl.constexpr,
         HAS_MASK: tl.constexpr,
     ):
-        """Over tiles ``[lo, hi)``: the Gumbel-max draw among the tokens with key ``kB`` or above, and
-        the mass (exp(s - m_s)) of those strictly above ``kB``."""
+        """Over tiles ``[lo, hi)``: the Gumbel-max draw among the top-k set (the tokens with key above
+        ``kB`` and the first ``nB`` with key ``kB``, of which ``ties_before`` lie before ``lo`` and
+        ``ties_here`` in the range), and the mass (exp(s - m_s)) of the tokens strictly above ``kB``."""
         n_vec = tl.full((TILE,), float("-inf"), tl.float32)
         ni_vec = tl.zeros((TILE,), tl.int32)
         mass = tl.zeros((TILE,), tl.float32)
+        cut = (ties_before < nB) & (ties_before + ties_here > nB)  # the boundary falls inside this range
+        all_ties = ties_before + ties_here <= nB
+        run = ties_before
         for start in range(lo, hi, TILE):
             idx, valid, x, xs = load_tile(row_ptr, start, V, sup, mptr, mon, TILE, HAS_SUP, HAS_MASK)
             s = tl.math.div_rn(xs, Td)
             key = key_of(s)
             mass += tl.where(valid & (key > kB), tl.exp(s - m_s), 0.0)
-            v = tl.where(valid & (key >= kB), s + gumbel(rkey, idx), float("-inf"))
+            keep = valid & ((key > kB) | ((key == kB) & all_ties))
+            if cut:
+                tie = valid & (key == kB)
+                rank = tl.cumsum(tie.to(tl.int32), axis=0) + run
+                keep = keep | (tie & (rank <= nB))
+                run += tl.sum(tie.to(tl.int32), axis=0)
+            v = tl.where(keep, s + gumbel(rkey, idx), float("-inf"))
             up = v > n_vec
             n_vec = tl.where(up, v, n_vec)
             ni_vec = tl.where(up, idx, ni_vec)
