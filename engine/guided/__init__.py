@@ -1,8 +1,8 @@
 """Constrained (guided) decoding: JSON Schema, regex, choice and EBNF grammar constraints, per request.
 
 A constrained sample's next token is drawn among those its grammar allows: the model's logits of
-the constrained rows are masked (-inf outside an xgrammar token bitmask) on the device just
-before sampling, with the reference sampler. Unconstrained requests in the same step are sampled
+the constrained rows are masked (-inf outside an xgrammar token bitmask) on the device by the
+sampler (the fused Triton sampler reads the bitmask words as it reads the logits). Unconstrained requests in the same step are sampled
 as without constraints, and an engine with no constrained request in flight does no guided work.
 
 The overlap with the async loop. A constrained row's mask for step N+1 depends on the token it
