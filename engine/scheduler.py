@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.block_manager import BlockManager
 from engine.sequence import SeqStatus, Sequence
 
@@ -34,6 +36,8 @@ class ScheduledBatch:
     """Prompt positions scored by this step (``prompt_logprobs``), over all items."""
     decode_tokens: int = 0
     """Tokens that decode (one new token after the prompt); the rest are prefill (or recompute)."""
+    block_tables: np.ndarray | None = None
+    """The items' block tables when scheduled, one row each, padded with the null block."""
 
     @property
     def prefill_tokens(self) -> int:
@@ -113,6 +117,8 @@ class Scheduler:
             self.running.append(seq)
             self._schedule(seq, want, batch)
             budget -= want
+        if batch.items:
+            batch.block_tables = self.blocks.tables([it.seq for it in batch.items])
         return batch
 
     def finish(self, seq: Sequence) -> None:
