@@ -250,9 +250,10 @@ class LLMEngine:
     ) -> list[CompletionOutput]:
         """Apply a step's sampled tokens (and, when asked, each row's top alternatives: ``top``)."""
         finished = []
+        max_len, block_size, done = self.max_model_len, self.config.block_size, SeqStatus.FINISHED
         for row, (it, token, lp) in enumerate(zip(batch.sampled, tokens, logprobs, strict=True)):
             seq = it.seq
-            if seq.is_finished:
+            if seq.status is done:
                 continue  # finished in the step before; this token was computed one step ahead
             if seq.discard_pending:
                 seq.discard_pending -= 1  # sampled after a token that forced tokens now follow
@@ -278,16 +279,25 @@ class LLMEngine:
                 )
                 finished.append(self._finish(seq, "error"))
                 continue
-            try:
-                reason = self._stop_reason(seq, token)
-                if reason is None and seq.params.think_end_ids and not seq.think_closed:
-                    reason = self._think_budget(seq)
-            except Exception as exc:  # one request's failure must not stop the others
-                seq.error = f"{type(exc).__name__}: {exc}"
-                reason = "error"
-            if reason is not None:
-                finished.append(self._finish(seq, reason))
-            elif seq.num_computed_tokens // self.config.block_size > seq.num_hashed_blocks:
+            params, n_out = seq.params, len(seq.output_token_ids)
+            if (
+                token in seq.stop_ids
+                or params.stop
+                or params.think_end_ids
+                or n_out >= params.max_new_tokens
+                or seq.prompt_len + n_out + seq.num_pending_tokens >= max_len
+            ):  # else none of the checks below can end it (most rows, most steps)
+                try:
+                    reason = self._stop_reason(seq, token)
+                    if reason is None and params.think_end_ids and not seq.think_closed:
+                        reason = self._think_budget(seq)
+                except Exception as exc:  # one request's failure must not stop the others
+                    seq.error = f"{type(exc).__name__}: {exc}"
+                    reason = "error"
+                if reason is not None:
+                    finished.append(self._finish(seq, reason))
+                    continue
+            if seq.num_computed_tokens // block_size > seq.num_hashed_blocks:
                 self.block_manager.register_full_blocks(seq)
         return finished
 
