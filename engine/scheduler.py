@@ -84,7 +84,9 @@ class Scheduler:
             seq = queue.popleft()
             start = seq.num_computed_tokens
             total = seq.prompt_len + len(seq.output_token_ids) + seq.num_pending_tokens
-            want = min(total - start, budget)
+            want = total - start
+            if want > budget:
+                want = budget
             params = seq.params
             if want <= 0 or (params.max_new_tokens == 0 and start >= seq.prompt_len):
                 # Every token is in flight already (the async loop runs one step ahead), or a
