@@ -251,6 +251,10 @@ def run_engine(
             engine.add_request(f"warmup-{i}", prompt, workload.params(new, i))
         while engine.has_unfinished_requests():
             engine.step()
+        if (
+            not workload.guided
+        ):  # the graphs of the workload's sampling at every batch size, as greedy's at start
+            engine.capture_graphs_for(workload.params(8))
     capture = engine.graph_capture_s + time.perf_counter() - t1
     engine.reset_stats()
     on_cuda = engine.device.type == "cuda"

@@ -6,9 +6,11 @@ import gc
 import hashlib
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -16,7 +18,7 @@ from engine.detokenizer import Detokenizer, find_stop
 from engine.guided.decoder import GuidedDecoder
 from engine.model.loader import eos_token_ids
 from engine.outputs import CompletionOutput, RequestError
-from engine.runner.model_runner import Launched
+from engine.runner.model_runner import Launched, ModelRunner
 from engine.runner.sampler import INVALID_TOKEN
 from engine.runner.step_layout import MAX_SUPPRESS
 from engine.sampling_params import SamplingParams
@@ -33,14 +35,29 @@ def derive_seed(base: int, key: str, sample_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
+@dataclass(slots=True)
+class _GuidedRows:
+    """A step's sampling rows with a constraint, their samples and their matchers (as the step was built)."""
+
+    rows: list[int]
+    seqs: list[Sequence]
+    guides: list
+    masks: torch.Tensor | None = None
+    """The host buffer their masks are filled into (``ModelRunner.token_masks``)."""
+    filling: Future | None = None
+    """The decoder's job that fills them (async loop), until the step's sampling is launched."""
+
+
 @dataclass
 class _LaunchedStep:
     batch: ScheduledBatch
     launched: Launched
     wall_start: float
     prep_s: float
-    guided_rows: list[int] | None = None
-    """Sampling rows with a constraint: the step's sampling waits for their masks (``engine.guided``)."""
+    guided: _GuidedRows | None = None
+    """The constrained rows: the step's sampling waits for their masks (``engine.guided``)."""
+    sampling_pending: bool = False
+    """Its forward is launched, its sampling not yet (``_launch_sampling``)."""
 
 
 @dataclass(slots=True)
@@ -181,6 +198,11 @@ class LLMEngine:
 
         Sync: prepare, launch and process step N. Async: prepare and launch step N+1, then
         process step N's outputs while N+1 computes (outputs lag one step).
+
+        A step with constrained rows is launched in two parts (``engine.guided``). Async: its forward
+        first; once step N's tokens have advanced the matchers, its masks are filled on the decoder's
+        thread while this one processes step N's outputs and prepares step N+2, and its sampling is
+        launched right before step N+2's forward. Sync: masks filled, then sampling, in the same call.
         """
         started = time.perf_counter()
         wall = time.time()
@@ -190,23 +212,32 @@ class LLMEngine:
             self._hold_gc()
         batch = self.scheduler.schedule()
         current = None
+        in_flight = self._in_flight
         if batch:
             arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
-            guided = self.guided is not None and self.guided.live > 0
-            rows = [r for r, it in enumerate(batch.sampled) if it.seq.guide is not None] if guided else None
-            launched = self.runner.launch(arrays, deferred=True) if rows else self.runner.launch(arrays)
+            guided = self._guided_rows(batch) if self.guided is not None and self.guided.live > 0 else None
+            if in_flight is not None and in_flight.sampling_pending:
+                self._launch_sampling(in_flight)  # before this step's forward, which carries its tokens over
+            launched = self.runner.launch(arrays, deferred=True) if guided else self.runner.launch(arrays)
             self._prev_rows = {it.seq.seq_id: row for row, it in enumerate(batch.sampled)}
             prep = time.perf_counter() - started - launched.inline_compute_s
-            current = _LaunchedStep(batch, launched, wall, prep, rows or None)
+            current = _LaunchedStep(batch, launched, wall, prep, guided, guided is not None)
         finished: list[CompletionOutput] = []
-        if self.mode == "async" and self._in_flight is not None:
-            finished = self._complete(self._in_flight)
-        if current is not None and current.guided_rows:
-            self._sample_guided(current)  # its masks follow the tokens of the step just completed
         if self.mode == "async":
+            if in_flight is not None:
+                if in_flight.sampling_pending:
+                    self._launch_sampling(in_flight)
+                finished = self._complete(in_flight, current)
+            elif current is not None and current.guided is not None:
+                self._start_fill(current)
             self._in_flight = current
         elif current is not None:
-            finished = self._complete(current)
+            if current.guided is not None:
+                g = current.guided
+                g.masks = self.runner.token_masks(current.launched, g.rows)
+                self.guided.fill(g.guides, g.masks)
+                self._launch_sampling(current)
+            finished = self._complete(current, None)
         self._finished_at = time.perf_counter()
         if self._gc_frozen and not self._unfinished:
             self._release_gc()
@@ -227,20 +258,66 @@ class LLMEngine:
         gc.unfreeze()
         self._gc_frozen = False
 
-    def _sample_guided(self, step: _LaunchedStep) -> None:
-        """Fill the masks of a deferred step's constrained rows, then enqueue its sampling."""
-        rows = step.guided_rows
-        masks = self.runner.token_masks(step.launched, rows)
-        self.guided.fill([step.batch.sampled[r].seq.guide for r in rows], masks)
-        self.runner.sample(step.launched)
+    @staticmethod
+    def _guided_rows(batch: ScheduledBatch) -> _GuidedRows | None:
+        rows, seqs, guides = [], [], []
+        for row, it in enumerate(batch.sampled):
+            guide = it.seq.guide
+            if guide is not None:
+                rows.append(row)
+                seqs.append(it.seq)
+                guides.append(guide)
+        return _GuidedRows(rows, seqs, guides) if rows else None
 
-    def _complete(self, step: _LaunchedStep) -> list[CompletionOutput]:
+    def _start_fill(self, step: _LaunchedStep) -> None:
+        """Start filling a deferred step's masks on the decoder's thread (its matchers are up to date)."""
+        g = step.guided
+        g.masks = self.runner.token_masks(step.launched, g.rows)
+        g.filling = self.guided.start_fill(g.guides, g.masks)
+
+    def _launch_sampling(self, step: _LaunchedStep) -> None:
+        """Enqueue a deferred step's sampling, once its masks are filled."""
+        g = step.guided
+        if g.filling is not None:
+            g.filling.result()
+            g.filling = None
+            # Samples that finished while their masks were filled: their token is discarded; allow every token.
+            for i, seq in enumerate(g.seqs):
+                if seq.guide is None:
+                    g.masks[i] = -1
+        self.runner.sample(step.launched)
+        step.sampling_pending = False
+
+    def _complete(self, step: _LaunchedStep, following: _LaunchedStep | None) -> list[CompletionOutput]:
+        """Collect and process ``step``. Its constrained rows' tokens advance their matchers first, then
+        ``following`` (async: the step launched after it) gets its masks filled on the decoder's thread
+        while this one processes ``step``'s outputs and prepares the next step."""
         tokens, logprobs, gpu_start, gpu_end = self.runner.collect(step.launched)
         self._record(step, gpu_start, gpu_end)
+        refused = self._advance_matchers(step.guided, tokens) if step.guided is not None else set()
+        if following is not None and following.guided is not None:
+            self._start_fill(following)
         if step.batch.num_scored:
             self._store_scores(step.batch, *self.runner.read_scores(step.launched))
         top = self.runner.read_top_logprobs(step.launched) if step.launched.top else None
-        return self._process(step.batch, tokens, logprobs, top)
+        return self._process(step.batch, tokens, logprobs, top, refused)
+
+    def _advance_matchers(self, g: _GuidedRows, tokens: list[int]) -> set[int]:
+        """Advance the matchers of a collected step's constrained rows with the tokens ``_process`` will keep
+        (one call into the library); returns the rows whose token the constraint refused."""
+        rows, guides, kept = [], [], []
+        for row, seq, guide in zip(g.rows, g.seqs, g.guides, strict=True):
+            # As _process: a finished sample, a discarded or unused token, an invalid token do not advance.
+            if seq.is_finished or seq.discard_pending or seq.params.max_new_tokens == 0:
+                continue
+            token = tokens[row]
+            if token == INVALID_TOKEN:
+                continue
+            rows.append(row)
+            guides.append(guide)
+            kept.append(token)
+        ok = self.guided.advance(guides, kept)
+        return {row for row, a in zip(rows, ok, strict=True) if not a}
 
     @staticmethod
     def _store_scores(
@@ -268,8 +345,10 @@ class LLMEngine:
         tokens: list[int],
         logprobs: list[float],
         top: tuple[np.ndarray, np.ndarray] | None = None,
+        refused: set[int] | frozenset[int] = frozenset(),
     ) -> list[CompletionOutput]:
-        """Apply a step's sampled tokens (and, when asked, each row's top alternatives: ``top``)."""
+        """Apply a step's sampled tokens (and, when asked, each row's top alternatives: ``top``); the
+        constrained rows' matchers have advanced already (``refused``: rows whose token they refused)."""
         finished = []
         max_len, block_size, done = self.max_model_len, self.config.block_size, SeqStatus.FINISHED
         for row, (it, token, lp) in enumerate(zip(batch.sampled, tokens, logprobs, strict=True)):
@@ -294,7 +373,7 @@ class LLMEngine:
                 seq.output_logprobs.append(lp)
             if seq.top is not None:
                 seq.top.append(top[0][row], top[1][row])
-            if seq.guide is not None and not seq.guide.accept(token):
+            if refused and row in refused:
                 seq.error = (
                     f"token {token} at output position {len(seq.output_token_ids) - 1} breaks the constraint"
                 )
@@ -423,13 +502,34 @@ class LLMEngine:
         self._records.append(record)
         self._totals.add(record)
 
+    def capture_graphs_for(self, params: SamplingParams) -> float:
+        """Capture now the CUDA graphs that steps sampling with ``params`` replay, at every batch size
+        (otherwise the first step of each size captures its own, in the middle of the run); the
+        seconds it took. Between runs only (no request in flight); nothing to do without graphs, on
+        CPU, or with tensor parallelism (whose ranks capture together, step by step)."""
+        runner = self.runner
+        if not isinstance(runner, ModelRunner) or not runner.use_graphs or self.worker.tp is not None:
+            return 0.0
+        if self.has_unfinished_requests():
+            raise RuntimeError("capture_graphs_for: requests are in flight")
+        if self._in_flight is not None:  # the async loop's last step, computed one step ahead
+            self.runner.collect(self._in_flight.launched)
+            self._in_flight = None
+        sampling = params.temperature > 0
+        started = time.perf_counter()
+        runner.capture_graphs(
+            any_sampling=sampling,
+            any_top_k_top_p=sampling and (params.top_k > 0 or params.top_p < 1),
+            any_min_p=sampling and params.min_p > 0,
+            top=params.top_logprobs > 0,
+        )
+        return time.perf_counter() - started
+
     def reset_stats(self) -> None:
         """Start the run summary afresh on an idle engine (after a warm-up, say); step records are dropped."""
         if self.has_unfinished_requests():
             raise RuntimeError("reset_stats needs an idle engine: requests are still running")
-        if self._in_flight is not None:  # the async loop's last step, computed one step ahead
-            self.runner.collect(self._in_flight.launched)
-            self._in_flight = None
+        self._drain()  # the async loop's last step, computed one step ahead
         self._records, self._totals, self._started_at, self._last_gpu_end = [], StepTotals(), None, None
 
     def pop_step_records(self) -> list[StepRecord]:
@@ -455,7 +555,17 @@ class LLMEngine:
         engine's inputs, in one process). With tensor parallelism, rank 0 also stops the other ranks."""
         if self._gc_frozen:
             self._release_gc()
+        self._drain()
+        if self.guided is not None:
+            self.guided.close()
+        self.worker.close()
+
+    def _drain(self) -> None:
+        """Wait for the async loop's last step (its sampling launched first if its masks were pending)."""
         if self._in_flight is not None:
+            if self._in_flight.sampling_pending:
+                self._launch_sampling(self._in_flight)
             self.runner.collect(self._in_flight.launched)
             self._in_flight = None
-        self.worker.close()
+        if self.guided is not None:
+            self.guided.wait()

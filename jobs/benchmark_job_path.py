@@ -38,12 +38,13 @@ TINY_QWEN2 = dict(
 
 
 def _warm_up(engine: Any, params: SamplingParams) -> Any:
-    """A few untimed requests with the run's sampling (its graphs are captured here), then fresh stats."""
+    """A few untimed requests with the run's sampling and the graphs of its sampling at every size, then fresh stats."""
     warm = dataclasses.replace(params, n=1, max_new_tokens=8)
     for i in range(8):
         engine.add_request(f"warmup-{i}", f"Warm-up request {i}: say something.", warm)
     while engine.has_unfinished_requests():
         engine.step()
+    engine.capture_graphs_for(params)
     engine.reset_stats()
     return engine
 

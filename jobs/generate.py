@@ -217,7 +217,13 @@ def _generate(
         fsync_dir(out_dir)
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
     commit_file(out_dir / CONFIG_NAME, lambda f: f.write(config_text))
+    from engine.llm_engine import LLMEngine
+
     engine = make_engine(cfg)
+    if (
+        isinstance(engine, LLMEngine) and params.constraint is None
+    ):  # the graphs of the job's sampling, up front
+        engine.capture_graphs_for(params)
     builder = kind.builder(cfg, params, engine.tokenizer)
     schema = kind.schema(cfg, params)
     sink = OutputSink(out_dir, state.manifest, cfg.checkpoint.rows, cfg.checkpoint.seconds, schema)

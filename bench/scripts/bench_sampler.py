@@ -1,5 +1,8 @@
 """Time the reference sampler against the fused Triton sampler (CUDA events over CUDA-graph replays).
 
+Also times sampling under token masks (constrained rows) and the top-k selection of
+``top_logprobs`` (one ``torch.topk`` per row against ``sampler.topk_rows`` at several chunk sizes).
+
 Usage (on a GPU machine): python -m bench.scripts.bench_sampler [--rows 256] [--vocab 128256]
 """
 
@@ -9,7 +12,8 @@ import argparse
 
 import torch
 
-from engine.runner.sampler import SamplingTensors, sample
+from engine.runner import sampler as sampler_module
+from engine.runner.sampler import SamplingTensors, TokenMask, sample, top_logprobs
 from engine.runner.sampler_kernel import sample_fused
 
 CONFIGS = {
@@ -90,6 +94,42 @@ def main() -> None:
     logits = logits_of("peaked", args.rows, args.vocab, torch.bfloat16)
     lp_off = time_ms(lambda: sample_fused(logits, st, False))
     print(f"kernel without logprobs (peaked bf16, top_p 0.95): {lp_off:.3f} ms")
+    masked(args.rows, args.vocab)
+    topk(args.rows, args.vocab)
+
+
+def masked(rows: int, vocab: int) -> None:
+    """Every row under a token mask allowing 1% of the vocabulary (as a JSON grammar inside a string)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    words = torch.randint(
+        -(2**31), 2**31 - 1, (rows, -(-vocab // 32)), generator=g, device="cuda", dtype=torch.int32
+    )
+    sparse = torch.rand(words.shape, generator=g, device="cuda") < 0.08
+    mask = TokenMask(torch.arange(rows, device="cuda"), torch.where(sparse, words, 0))
+    logits = logits_of("normal", rows, vocab, torch.bfloat16)
+    for name, (temperature, top_k, top_p) in CONFIGS.items():
+        st = tensors(rows, temperature, top_k, top_p)
+        ref = time_ms(lambda st=st: sample(logits, st, True, mask=mask))
+        ker = time_ms(lambda st=st: sample_fused(logits, st, True, mask=mask))
+        print(f"{'masked bf16':<15} {name:<30} {ref:>10.3f} {ker:>8.3f} {ref / ker:>8.1f}x")
+
+
+def topk(rows: int, vocab: int) -> None:
+    logits = logits_of("normal", rows, vocab, torch.bfloat16)
+    st = tensors(rows, 0.0, 0, 1.0)
+    tokens, lps = sample_fused(logits, st, True)
+    default = sampler_module.TOPK_CHUNK
+    for k in (20, 100):
+        ids = torch.empty(rows, k, dtype=torch.int32, device="cuda")
+        out = torch.empty(rows, k, dtype=torch.float32, device="cuda")
+        direct = time_ms(lambda k=k: logits.topk(k, dim=-1))
+        line = f"top_logprobs k={k}: torch.topk per row {direct:.3f} ms;"
+        for chunk in (1024, 2048, 4096, 8192):
+            sampler_module.TOPK_CHUNK = chunk
+            t = time_ms(lambda ids=ids, out=out: top_logprobs(logits, ids, out, tokens, lps))
+            line += f" chunks of ~{chunk}: {t:.3f} ms;"
+        sampler_module.TOPK_CHUNK = default
+        print(line)
 
 
 if __name__ == "__main__":

@@ -53,9 +53,19 @@ class GrammarCompiler:
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids)
         )
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self.vocab_size = vocab_size
         self.special_ids = sorted(special_token_ids(tokenizer) - set(stop_ids))
+        self._decoded_vocab: list[bytes] = self.info.decoded_vocab
+        self._usable: dict[bool, np.ndarray] = {}
+        # The usable tokens are folded into the grammars: each kind of constraint compiles against a
+        # vocabulary where the tokens it may not use have no text, which xgrammar never allows (as
+        # it does for special tokens). The masks then need no AND per step.
+        self.compilers = {
+            json_text: xgr.GrammarCompiler(
+                self._restricted_info(stop_ids, json_text), max_threads=2, cache_enabled=False
+            )
+            for json_text in (False, True)
+        }
         self._cache: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
@@ -84,20 +94,30 @@ class GrammarCompiler:
                 self._cache_bytes -= self._cache.popitem(last=False)[1][1]
         return compiled
 
+    def _restricted_info(self, stop_ids: list[int], json_text: bool) -> Any:
+        """The tokenizer's vocabulary (as the bytes each token decodes to) without the tokens that
+        ``usable_tokens`` excludes: theirs become empty, so no grammar compiled against it allows them."""
+        usable = np.unpackbits(self.usable_tokens(json_text).view(np.uint8), bitorder="little")
+        vocab = [b if usable[i] else b"" for i, b in enumerate(self._decoded_vocab)]
+        return self.xgr.TokenizerInfo(
+            vocab, self.xgr.VocabType.RAW, vocab_size=self.vocab_size, stop_token_ids=sorted(stop_ids)
+        )
+
     def _compile(self, kind: str, text: str) -> Any:
         if kind == "json_schema":
             json.loads(text)  # ValueError names the position of bad JSON text
             # Compact JSON: with free whitespace a model can emit blank tokens for ever.
-            return self.compiler.compile_json_schema(text, any_whitespace=False)
+            return self.compilers[True].compile_json_schema(text, any_whitespace=False)
+        compiler = self.compilers[False]
         if kind == "regex":
-            return self.compiler.compile_regex(text)
+            return compiler.compile_regex(text)
         if kind == "choice":
             options = json.loads(text)
-            return self.compiler.compile_grammar(
+            return compiler.compile_grammar(
                 "root ::= " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
             )
         if kind == "grammar":
-            return self.compiler.compile_grammar(text)
+            return compiler.compile_grammar(text)
         raise ValueError(f"unknown constraint kind {kind!r}")
 
     def usable_tokens(self, json_text: bool) -> np.ndarray:
@@ -106,12 +126,14 @@ class GrammarCompiler:
         reader) and, for JSON, every token holding a control character (JSON strings must escape them,
         which xgrammar 0.2.9 does not enforce inside strings with ``maxLength``; compact JSON has none
         outside strings)."""
+        if json_text in self._usable:
+            return self._usable[json_text].copy()
         allowed = np.ones(self.vocab_size, dtype=bool)
         allowed[[i for i in self.special_ids if i < self.vocab_size]] = False
         if json_text:
-            vocab = self.info.decoded_vocab
-            control = [i for i, b in enumerate(vocab) if any(c < 0x20 for c in b)]
+            control = [i for i, b in enumerate(self._decoded_vocab) if any(c < 0x20 for c in b)]
             allowed[control] = False
         words = -(-self.vocab_size // 32)
         packed = np.packbits(np.pad(allowed, (0, 32 * words - self.vocab_size)), bitorder="little")
-        return packed.view(np.int32)
+        self._usable[json_text] = packed.view(np.int32)
+        return self._usable[json_text].copy()

@@ -17,7 +17,7 @@ without such a row replay the same graphs as before and copy nothing more.
 
 A step with constrained rows is launched ``deferred``: the forward pass (a forward-only graph, or
 eager) is enqueued at once, and its sampling, with the token masks of those rows applied to the
-logits by the reference sampler, once the masks are filled (``engine.guided`` explains why).
+logits by the sampler, once the masks are filled (``engine.guided`` explains why).
 """
 
 from __future__ import annotations
@@ -233,13 +233,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(self, step: DeviceStep, logits: torch.Tensor, mask: TokenMask | None = None) -> None:
-        # Steps with token masks (constrained rows) take the PyTorch sampler, which applies them.
-        if mask is not None:
-            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
-        elif self.use_fused_sampler:
-            tokens, logprobs = sample_fused(logits, step.sampling, want_logprobs=True)
+        if self.use_fused_sampler:
+            tokens, logprobs = sample_fused(logits, step.sampling, want_logprobs=True, mask=mask)
         else:
-            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True)
+            tokens, logprobs = sample(logits, step.sampling, want_logprobs=True, mask=mask)
         step.tokens_out.copy_(tokens)
         step.logprobs_out.copy_(logprobs)
         if step.top_ids_out is not None:
@@ -317,15 +314,24 @@ class ModelRunner:
         self.graphs.clear()
         self.graph_pool = None
 
-    def capture_graphs(self) -> int:
-        """Capture the greedy-sampling graph of every padded token count for both slots, largest first."""
+    def capture_graphs(
+        self,
+        any_sampling: bool = False,
+        any_top_k_top_p: bool = False,
+        any_min_p: bool = False,
+        top: bool = False,
+    ) -> int:
+        """Capture the graph of every padded token count for both slots, largest first, for steps with
+        these sampling flags (greedy at start; ``LLMEngine.capture_graphs_for`` adds a run's own). Only
+        while no step is in flight: the padding steps are built in the slots' buffers."""
         if not self.use_graphs:
             return 0
+        flags = (any_sampling, any_top_k_top_p, any_min_p, top and self.top_width > 0, False)
         with self.pipe.on(self.pipe.compute):
             for size in reversed(self.graph_sizes):
                 for index in (0, 1):
                     slot, prev = self.slots[index], self.slots[index ^ 1]
-                    key = (index, size, False, False, False, False, False)
+                    key = (index, size, *flags)
                     if key not in self.graphs:
                         self._load_idle_step(slot, size)
                         self._capture(key, slot, prev)

@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from engine.runner.sampler import INVALID_TOKEN, SamplingTensors, sample
+from engine.runner.sampler import INVALID_TOKEN, SamplingTensors, TokenMask, allowed_tokens, sample
 from engine.runner.sampler_kernel import fused_sampler_available, sample_fused
 
 pytestmark = [
@@ -160,3 +160,34 @@ def test_kernel_replays_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(tokens, sample(logits, st, True)[0])
+
+
+def random_mask(rows: int, vocab: int, g: torch.Generator) -> TokenMask:
+    """Masks on about half the rows: some allow one token in a hundred, some half, some a single token."""
+    gd = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+    masked = torch.nonzero(torch.rand(rows, generator=gd, device="cuda") < 0.5).flatten()
+    share = torch.tensor([0.01, 0.5, 0.0], device="cuda")[torch.arange(len(masked), device="cuda") % 3]
+    allowed = torch.rand(len(masked), vocab, generator=gd, device="cuda") < share[:, None]
+    allowed[
+        torch.arange(len(masked), device="cuda"),
+        torch.randint(0, vocab, (len(masked),), generator=gd, device="cuda"),
+    ] = True
+    padded = torch.nn.functional.pad(allowed, (0, -vocab % 32)).view(len(masked), -1, 32).long()
+    words = (padded << torch.arange(32, device="cuda")).sum(-1)
+    return TokenMask(masked, torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+
+
+@pytest.mark.parametrize("vocab", [32_000, 151_936])
+@pytest.mark.parametrize("mix", ["greedy", "temperature", "top_p", "top_k_top_p", "all"])
+def test_masked_rows_equal_reference(mix, vocab):
+    g = torch.Generator().manual_seed(zlib.crc32(f"mask {mix} {vocab}".encode()))
+    for rows in (1, 64, 256):
+        logits = make_logits(rows, vocab, torch.bfloat16, g)
+        st = make_tensors(rows, vocab, mix, g)
+        mask = random_mask(rows, vocab, g)
+        ref_t, ref_lp = sample(logits, st, True, mask=mask)
+        ker_t, ker_lp = sample_fused(logits, st, True, mask=mask)
+        assert torch.equal(ker_t, ref_t), f"{rows} rows: {int((ker_t != ref_t).sum())} differ"
+        torch.testing.assert_close(ker_lp, ref_lp, rtol=1e-5, atol=1e-5)
+        allowed = allowed_tokens(mask.words, vocab)
+        assert allowed[torch.arange(len(mask.rows), device="cuda"), ker_t[mask.rows]].all()

@@ -105,3 +105,30 @@ def test_draws_depend_only_on_seed_and_position():
     for i, (s, p) in enumerate([(1, 10), (2, 11), (3, 12)]):
         alone, _ = sample(logits[i : i + 1], st([s], [p]), False)
         assert alone.item() == together[i].item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphs_captured_up_front_for_a_sampling_change_no_token():
+    """``capture_graphs_for`` captures a sampled run's graphs at every size before its first step; the
+    run samples what a run capturing them step by step samples."""
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=12, seed=3, ignore_eos=True)
+    prompts = random_prompts(40, seed=4)
+    outputs = []
+    for up_front in (False, True):
+        llm = make_llm(device="cuda", max_num_seqs=16)
+        engine, runner = llm.engine, llm.engine.runner
+        before = len(runner.graphs)
+        if up_front:
+            assert engine.capture_graphs_for(params) > 0
+            assert len(runner.graphs) == before + 2 * len(runner.graph_sizes)
+            captured = len(runner.graphs)
+        outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        if up_front:
+            assert len(runner.graphs) == captured  # no step captured another
+    assert outputs[0] == outputs[1]
+
+
+def test_capturing_graphs_for_a_sampling_is_a_no_op_without_graphs():
+    llm = make_llm()
+    assert llm.engine.capture_graphs_for(SamplingParams(temperature=1.0)) == 0.0
