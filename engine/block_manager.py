@@ -10,6 +10,8 @@ from collections.abc import Callable
 from collections.abc import Sequence as Tokens
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.sequence import Sequence
 
 NULL_BLOCK = 0
@@ -61,6 +63,11 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.cached: dict[bytes, int] = {}
         self.prefix_hit_blocks = 0
+        # The block tables again, as rows of one array (a row per sequence holding blocks, zeros past its
+        # table's end), so that a step's tables are one gather (``tables``) instead of a copy per sequence.
+        self._tables = np.zeros((64, 64), dtype=np.int64)
+        self._table_lens = np.zeros(64, dtype=np.int64)
+        self._free_rows: list[int] = list(range(63, -1, -1))
 
     @property
     def num_usable_blocks(self) -> int:
@@ -84,7 +91,30 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Append fresh blocks to ``seq`` until it can hold ``num_tokens`` tokens."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            seq.block_table.append(self._take_free())
+            self._append(seq, self._take_free())
+
+    def tables(self, seqs: list[Sequence]) -> np.ndarray:
+        """The block tables of ``seqs`` (each holding at least one block), one row each, as wide as the
+        longest and padded with ``NULL_BLOCK``."""
+        rows = np.fromiter([s.table_row for s in seqs], dtype=np.int64, count=len(seqs))
+        width = int(self._table_lens[rows].max()) if len(seqs) else 0
+        return self._tables[rows, :width]
+
+    def _append(self, seq: Sequence, block_id: int) -> None:
+        table, row = seq.block_table, seq.table_row
+        if row < 0:
+            if not self._free_rows:
+                old = len(self._table_lens)
+                self._tables = np.concatenate([self._tables, np.zeros_like(self._tables)])
+                self._table_lens = np.concatenate([self._table_lens, np.zeros_like(self._table_lens)])
+                self._free_rows = list(range(2 * old - 1, old - 1, -1))
+            row = seq.table_row = self._free_rows.pop()
+        n = len(table)
+        if n == self._tables.shape[1]:
+            self._tables = np.concatenate([self._tables, np.zeros_like(self._tables)], axis=1)
+        self._tables[row, n] = block_id
+        self._table_lens[row] = n + 1
+        table.append(block_id)
 
     def match_prefix(self, seq: Sequence) -> None:
         """Give a new sequence the cached blocks of its longest cached prefix of full blocks.
@@ -112,7 +142,7 @@ class BlockManager:
             if block.ref_count == 0:
                 del self.free[block_id]
             block.ref_count += 1
-            seq.block_table.append(block_id)
+            self._append(seq, block_id)
             prev = h
         seq.num_hashed_blocks = len(seq.block_table)
         seq.last_block_hash = prev
@@ -144,6 +174,12 @@ class BlockManager:
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self.free[block_id] = None
+        row = seq.table_row
+        if row >= 0:
+            self._tables[row, : len(seq.block_table)] = NULL_BLOCK
+            self._table_lens[row] = 0
+            self._free_rows.append(row)
+            seq.table_row = -1
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.last_block_hash = None

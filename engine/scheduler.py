@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.block_manager import BlockManager
 from engine.sequence import SeqStatus, Sequence
 
@@ -34,6 +36,8 @@ class ScheduledBatch:
     """Prompt positions scored by this step (``prompt_logprobs``), over all items."""
     decode_tokens: int = 0
     """Tokens that decode (one new token after the prompt); the rest are prefill (or recompute)."""
+    block_tables: np.ndarray | None = None
+    """The items' block tables when scheduled, one row each, padded with the null block."""
 
     @property
     def prefill_tokens(self) -> int:
@@ -73,24 +77,54 @@ class Scheduler:
         budget = self.max_batch_tokens
         kept: list[Sequence] = []
         queue = deque(self.running)
+        bs = self.blocks.block_size
+        items, sampled = batch.items, batch.sampled
+        num_tokens = decode_tokens = 0
         while queue and budget > 0:
             seq = queue.popleft()
-            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if seq.params.max_new_tokens == 0 and seq.num_computed_tokens >= seq.prompt_len:
-                want = 0  # scoring only: it finishes when its prefill's outputs are processed
-            if want <= 0:
-                # Every token is in flight already (the async loop runs one step ahead).
+            start = seq.num_computed_tokens
+            total = seq.prompt_len + len(seq.output_token_ids) + seq.num_pending_tokens
+            want = total - start
+            if want > budget:
+                want = budget
+            params = seq.params
+            if want <= 0 or (params.max_new_tokens == 0 and start >= seq.prompt_len):
+                # Every token is in flight already (the async loop runs one step ahead), or a
+                # scoring-only sequence finishes when its prefill's outputs are processed.
                 kept.append(seq)
                 continue
-            n = self._fit(seq, want, preempt_from=queue, batch=batch)
-            if n == 0:
-                self._preempt(seq, batch)
+            if start + want > len(seq.block_table) * bs:  # it needs blocks: take them, or preempt
+                n = self._fit(seq, want, preempt_from=queue, batch=batch)
+                if n == 0:
+                    self._preempt(seq, batch)
+                    continue
+                self._schedule(seq, n, batch)
+                kept.append(seq)
+                budget -= n
                 continue
-            self._schedule(seq, n, batch)
+            # The common case, inlined (``_schedule`` without growing the table).
+            end = start + want
+            seq.num_computed_tokens = end
+            if end // bs > seq.num_hashed_blocks:
+                self.blocks.register_full_blocks(seq)
+            scored = 0
+            if params.prompt_logprobs is not None:
+                scored = max(0, min(end, seq.prompt_len - 1) - start)
+                batch.num_scored += scored
+            item = ScheduledSeq(seq, start, want, end == total, scored)
+            items.append(item)
+            if end == total:
+                seq.num_pending_tokens += 1
+                sampled.append(item)
+            num_tokens += want
+            if want == 1 and start >= seq.prompt_len:
+                decode_tokens += 1
             kept.append(seq)
-            budget -= n
+            budget -= want
         kept.extend(queue)
         self.running = kept
+        batch.num_tokens += num_tokens
+        batch.decode_tokens += decode_tokens
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -113,6 +147,8 @@ class Scheduler:
             self.running.append(seq)
             self._schedule(seq, want, batch)
             budget -= want
+        if batch.items:
+            batch.block_tables = self.blocks.tables([it.seq for it in batch.items])
         return batch
 
     def finish(self, seq: Sequence) -> None:

@@ -44,6 +44,8 @@ class Sequence:
     guide: Any = None
     """The constraint's matcher (``engine.guided.decoder.Guide``) of a constrained sample, until it finishes."""
     block_table: list[int] = field(default_factory=list)
+    table_row: int = -1
+    """This sequence's row in its block manager's array of block tables (-1: it holds no block)."""
     num_hashed_blocks: int = 0
     last_block_hash: bytes | None = None
     status: SeqStatus = SeqStatus.WAITING

@@ -13,12 +13,16 @@ as a random model's greedy choice under the mask would. The guided part of a ste
 The mask fill runs on the decoder's thread while the loop goes on; the loop's own guided work is
 the constrained rows' lists, the matchers' advance, the fill's hand-off and the wait for it.
 
+It also prints the median and 10th percentile of the steps that decode 256 rows (the common case),
+the garbage collections during the timed loop, and what one full collection costs at the end.
+
 Usage: python -m bench.scripts.engine_cpu_overhead [--temperature 1 --top-p 0.95] [--profile]
        python -m bench.scripts.engine_cpu_overhead --json-schema w2 [--guided-fraction 0] [--tokenizer DIR]
 """
 
 import argparse
 import cProfile
+import gc
 import pstats
 import random
 import time
@@ -47,6 +51,28 @@ class TimedBlockHash:
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return out
+
+
+class GcTimes:
+    """A ``gc.callbacks`` entry: collections and their time, by generation."""
+
+    def __init__(self) -> None:
+        self.count: dict[int, int] = defaultdict(int)
+        self.seconds: dict[int, float] = defaultdict(float)
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.count[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+
+    def summary(self) -> str:
+        return (
+            ", ".join(f"{g}: {self.count[g]}, {self.seconds[g] * 1e3:.1f}" for g in sorted(self.count))
+            or "none"
+        )
 
 
 class Timers:
@@ -180,25 +206,54 @@ def main(argv: list[str] | None = None) -> None:
     engine._process = timers.wrap("process", engine._process)
     timed = TimedBlockHash()
     block_manager_module.block_hash = timed  # the module function the engine's BlockManager calls
+    scheduled = []  # each step's batch: (tokens, decode tokens)
+    schedule = engine.scheduler.schedule
+
+    def schedule_and_note():
+        batch = schedule()
+        scheduled.append((batch.num_tokens, batch.decode_tokens))
+        return batch
+
+    engine.scheduler.schedule = schedule_and_note
+    collections = GcTimes()
+    gc.callbacks.append(collections)
     profiler = cProfile.Profile() if args.profile else None
-    steps, start = 0, time.perf_counter()
+    steps, start, step_times = 0, time.perf_counter(), []
     reasons: dict[str, int] = defaultdict(int)
+    stub = timers.seconds
     if profiler:
         profiler.enable()
     while engine.has_unfinished_requests():
+        t0, stub0 = time.perf_counter(), stub["stub"]
         for out in engine.step():
             reasons[out.finish_reason] += 1
+        step_times.append(time.perf_counter() - t0 - (stub["stub"] - stub0))
         steps += 1
     if profiler:
         profiler.disable()
     s = timers.seconds
     per_step = (time.perf_counter() - start - s["stub"]) / steps
     print(f"{steps} steps, {per_step * 1000:.2f} ms of CPU per step (the stub's sampling left out)")
+    # Steps that decode 256 rows (and prefill nothing) are the common case; their median and 10th
+    # percentile move less than the mean when the machine is shared.
+    decode = sorted(t for t, (n, d) in zip(step_times, scheduled, strict=True) if n == d == 256)
+    if decode:
+        print(
+            f"{len(decode)} steps of 256 decode rows: median {decode[len(decode) // 2] * 1000:.3f} ms, "
+            f"10th percentile {decode[len(decode) // 10] * 1000:.3f} ms"
+        )
     print(
         f"prefix-cache keys: {timed.calls} blocks, {timed.seconds / timed.calls * 1e6:.2f} us per block, "
         f"{timed.seconds / steps * 1e6:.1f} us per step ({timed.seconds / steps / per_step:.1%} of the step)"
     )
     print(f"output processing (_process): {s['process'] / steps * 1e3:.3f} ms per step")
+    gc.callbacks.remove(collections)
+    print(f"garbage collections during the run (generation: count, ms): {collections.summary()}")
+    t0 = time.perf_counter()
+    gc.collect()  # the engine is idle: a full collection over every object, as one in the loop would be
+    print(
+        f"a full collection now: {(time.perf_counter() - t0) * 1e3:.0f} ms over {len(gc.get_objects())} objects"
+    )
     if engine.guided is not None:
         filled = engine.guided.rows_filled
         print(

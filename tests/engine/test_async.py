@@ -122,3 +122,24 @@ def test_carry_over_fills_every_placeholder_with_the_right_token():
                 continue
             assert ids[offset : offset + n] == seq.known_tokens(start, start + n)
             offset += n
+
+
+def test_collector_holds_the_objects_of_before_generation_only_while_requests_run():
+    """The step loop keeps the garbage collector's full collections off the objects that existed when
+    generation started (``gc.freeze``) and hands them back once the engine is idle, or closed."""
+    import gc
+
+    llm = make_llm("llama", mode="async")
+    engine = llm.engine
+    gc.unfreeze()  # whatever an engine left mid-run by an earlier test holds
+    engine.add_request("a", random_prompts(1, seed=44)[0], SamplingParams(temperature=0, max_new_tokens=5))
+    engine.step()
+    assert gc.get_freeze_count() > 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert gc.get_freeze_count() == 0
+    engine.add_request("b", random_prompts(1, seed=45)[0], SamplingParams(temperature=0, max_new_tokens=5))
+    engine.step()
+    assert gc.get_freeze_count() > 0
+    engine.close()  # closed mid-run
+    assert gc.get_freeze_count() == 0

@@ -31,11 +31,11 @@ def test_nan_logits_fail_only_that_request(mode, monkeypatch):
     real_sample = model_runner.sample
     calls = {"n": 0}
 
-    def poisoned(logits, st, want_logprobs):
+    def poisoned(logits, st, want_logprobs, mask=None):
         calls["n"] += 1
         if calls["n"] > 3:  # a few tokens in, the model starts to produce NaN for that request only
             logits = torch.where((st.seed == target)[:, None], float("nan"), logits)
-        return real_sample(logits, st, want_logprobs)
+        return real_sample(logits, st, want_logprobs, mask=mask)
 
     monkeypatch.setattr(model_runner, "sample", poisoned)
     got = outputs(llm, params)

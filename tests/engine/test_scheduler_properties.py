@@ -28,6 +28,14 @@ def check_invariants(bm: BlockManager, sched: Scheduler) -> None:
     assert len(owners) + bm.num_free_blocks == bm.num_usable_blocks
     for seq in sched.running:
         assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens
+    # The array of block tables (a step's tables in one gather) mirrors every live table, zeros past its end.
+    with_blocks = [s for s in live if s.block_table]
+    assert len({s.table_row for s in with_blocks}) == len(with_blocks)
+    if with_blocks:
+        tables = bm.tables(with_blocks)
+        assert tables.shape[1] == max(len(s.block_table) for s in with_blocks)
+        for row, s in zip(tables.tolist(), with_blocks, strict=True):
+            assert row == s.block_table + [NULL_BLOCK] * (len(row) - len(s.block_table))
 
 
 requests = st.lists(

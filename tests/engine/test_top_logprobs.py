@@ -106,7 +106,9 @@ def test_top_logprobs_match_transformers_at_every_generated_position(device, mod
     # ten times wider, so fewer positions are clear of one).
     assert exact >= (0.8 if device == "cpu" else 0.6) * compared
     if device == "cuda":
-        assert any(key[5] for key in llm.engine.runner.graphs)  # steps asking replayed a graph of their own (key: top)
+        assert any(
+            key[5] for key in llm.engine.runner.graphs
+        )  # steps asking replayed a graph of their own (key: top)
     if sampled:  # the chosen tokens are sampled: some are not the raw distribution's top one
         assert any(
             s.token_ids != s.top_token_ids[:, 0].tolist()
