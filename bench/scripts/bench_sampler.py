@@ -1,7 +1,7 @@
 """Time the reference sampler against the fused Triton sampler (CUDA events over CUDA-graph replays).
 
 Also times sampling under token masks (constrained rows) and the top-k selection of
-``top_logprobs`` (one ``torch.topk`` per row against ``sampler.topk_rows`` at several chunk sizes).
+``top_logprobs``.
 
 Usage (on a GPU machine): python -m bench.scripts.bench_sampler [--rows 256] [--vocab 128256]
 """
@@ -12,7 +12,6 @@ import argparse
 
 import torch
 
-from engine.runner import sampler as sampler_module
 from engine.runner.sampler import SamplingTensors, TokenMask, sample, top_logprobs
 from engine.runner.sampler_kernel import sample_fused
 
@@ -115,21 +114,15 @@ def masked(rows: int, vocab: int) -> None:
 
 
 def topk(rows: int, vocab: int) -> None:
+    """The selection of ``top_logprobs`` (one ``torch.topk`` per row, on the logits in their dtype)."""
     logits = logits_of("normal", rows, vocab, torch.bfloat16)
     st = tensors(rows, 0.0, 0, 1.0)
     tokens, lps = sample_fused(logits, st, True)
-    default = sampler_module.TOPK_CHUNK
     for k in (20, 100):
         ids = torch.empty(rows, k, dtype=torch.int32, device="cuda")
         out = torch.empty(rows, k, dtype=torch.float32, device="cuda")
-        direct = time_ms(lambda k=k: logits.topk(k, dim=-1))
-        line = f"top_logprobs k={k}: torch.topk per row {direct:.3f} ms;"
-        for chunk in (1024, 2048, 4096, 8192):
-            sampler_module.TOPK_CHUNK = chunk
-            t = time_ms(lambda ids=ids, out=out: top_logprobs(logits, ids, out, tokens, lps))
-            line += f" chunks of ~{chunk}: {t:.3f} ms;"
-        sampler_module.TOPK_CHUNK = default
-        print(line)
+        t = time_ms(lambda ids=ids, out=out: top_logprobs(logits, ids, out, tokens, lps))
+        print(f"top_logprobs k={k}: {t:.3f} ms")
 
 
 if __name__ == "__main__":

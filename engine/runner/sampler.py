@@ -157,28 +157,6 @@ def score_tokens(
             top_ids_out[lo:hi] = ids
 
 
-TOPK_CHUNK = 2048
-"""Tokens per chunk of ``topk_rows``' first stage (the chunk count is rounded to a divisor of the vocabulary)."""
-
-
-def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x.topk(k, dim=-1)`` over [rows, vocab] in two stages: the top ``k`` of each chunk of the
-    row, then the top ``k`` of those. The values are torch.topk's exactly (the row's top ``k`` lie
-    among its chunks' top ``k``); among tied values the ids may differ. Many short selections fill
-    the GPU where one long selection per row leaves it mostly idle."""
-    rows, vocab = x.shape
-    chunks = vocab // TOPK_CHUNK
-    while chunks > 1 and vocab % chunks:
-        chunks -= 1
-    size = vocab // max(chunks, 1)
-    if chunks < 4 or size < 2 * k:
-        return x.topk(k, dim=-1)
-    values, ids = x.view(rows, chunks, size).topk(k, dim=-1)
-    ids += torch.arange(0, vocab, size, device=x.device)[:, None]
-    values, pick = values.view(rows, -1).topk(k, dim=-1)
-    return values, ids.view(rows, -1).gather(1, pick)
-
-
 def top_logprobs(
     logits: torch.Tensor,
     ids_out: torch.Tensor,
@@ -196,10 +174,10 @@ def top_logprobs(
     k = ids_out.shape[1]
     if tokens is None or token_logprobs is None:
         raw = logits.float()
-        values, ids = topk_rows(raw, k)
+        values, ids = raw.topk(k, dim=-1)
         lse = torch.logsumexp(raw, dim=-1, keepdim=True)
     else:
-        values, ids = topk_rows(logits, k)
+        values, ids = logits.topk(k, dim=-1)
         chosen = logits.gather(1, tokens.clamp(min=0)[:, None]).float()
         lse = chosen - token_logprobs[:, None]
     logprobs_out.copy_(values.float() - lse)

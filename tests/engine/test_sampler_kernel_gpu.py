@@ -165,7 +165,9 @@ def test_kernel_replays_in_a_cuda_graph():
 def random_mask(rows: int, vocab: int, g: torch.Generator) -> TokenMask:
     """Masks on about half the rows: some allow one token in a hundred, some half, some a single token."""
     gd = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-    masked = torch.nonzero(torch.rand(rows, generator=gd, device="cuda") < 0.5).flatten()
+    pick = torch.rand(rows, generator=gd, device="cuda") < 0.5
+    pick[0] = True  # at least one masked row
+    masked = torch.nonzero(pick).flatten()
     share = torch.tensor([0.01, 0.5, 0.0], device="cuda")[torch.arange(len(masked), device="cuda") % 3]
     allowed = torch.rand(len(masked), vocab, generator=gd, device="cuda") < share[:, None]
     allowed[

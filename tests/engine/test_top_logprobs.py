@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import RequestError, SamplingParams
-from engine.runner import model_runner, sampler
+from engine.runner import model_runner
 from engine.top_logprobs import NO_TOKEN, TopLogprobs
 from tiny_models import make_llm, random_prompts, reference_model
 
@@ -193,16 +193,3 @@ def test_rows_grow_without_per_token_objects_and_stop_at_max_new_tokens():
     ids, lps = top.arrays()
     assert ids.shape == lps.shape == (37, 3) and len(top.ids) == 40  # doubled 16 -> 32, then capped at 40
     assert ids[36].tolist() == [36, 37, 38] and lps[2].tolist() == [-2.0, -3.0, -4.0]
-
-
-@pytest.mark.parametrize("vocab", [32_000, 128_256, 151_936, 50_257])
-@pytest.mark.parametrize("k", [1, 20, 100])
-def test_two_stage_selection_gives_torch_topk_values(vocab, k):
-    g = torch.Generator().manual_seed(vocab + k)
-    x = torch.randn(6, vocab, generator=g).to(torch.bfloat16)  # bf16: many exact ties
-    x[0] = 0.0  # a row of ties only
-    values, ids = sampler.topk_rows(x, k)
-    expected, _ = x.topk(k, dim=-1)
-    assert torch.equal(values, expected)
-    assert torch.equal(x.gather(1, ids), values)
-    assert all(len(set(row)) == k for row in ids.tolist())
