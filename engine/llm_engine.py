@@ -6,16 +6,15 @@ import gc
 import hashlib
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, find_stop
 from engine.guided.decoder import GuidedDecoder
+from engine.guided_steps import GuidedRows
 from engine.model.loader import eos_token_ids
 from engine.outputs import CompletionOutput, RequestError
 from engine.runner.model_runner import Launched, ModelRunner
@@ -35,26 +34,13 @@ def derive_seed(base: int, key: str, sample_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
-@dataclass(slots=True)
-class _GuidedRows:
-    """A step's sampling rows with a constraint, their samples and their matchers (as the step was built)."""
-
-    rows: list[int]
-    seqs: list[Sequence]
-    guides: list
-    masks: torch.Tensor | None = None
-    """The host buffer their masks are filled into (``ModelRunner.token_masks``)."""
-    filling: Future | None = None
-    """The decoder's job that fills them (async loop), until the step's sampling is launched."""
-
-
 @dataclass
 class _LaunchedStep:
     batch: ScheduledBatch
     launched: Launched
     wall_start: float
     prep_s: float
-    guided: _GuidedRows | None = None
+    guided: GuidedRows | None = None
     """The constrained rows: the step's sampling waits for their masks (``engine.guided``)."""
     sampling_pending: bool = False
     """Its forward is launched, its sampling not yet (``_launch_sampling``)."""
@@ -215,7 +201,7 @@ class LLMEngine:
         in_flight = self._in_flight
         if batch:
             arrays = build_step_arrays(batch, self.config.block_size, self._prev_rows)
-            guided = self._guided_rows(batch) if self.guided is not None and self.guided.live > 0 else None
+            guided = GuidedRows.of(batch) if self.guided is not None and self.guided.live > 0 else None
             if in_flight is not None and in_flight.sampling_pending:
                 self._launch_sampling(in_flight)  # before this step's forward, which carries its tokens over
             launched = self.runner.launch(arrays, deferred=True) if guided else self.runner.launch(arrays)
@@ -258,17 +244,6 @@ class LLMEngine:
         gc.unfreeze()
         self._gc_frozen = False
 
-    @staticmethod
-    def _guided_rows(batch: ScheduledBatch) -> _GuidedRows | None:
-        rows, seqs, guides = [], [], []
-        for row, it in enumerate(batch.sampled):
-            guide = it.seq.guide
-            if guide is not None:
-                rows.append(row)
-                seqs.append(it.seq)
-                guides.append(guide)
-        return _GuidedRows(rows, seqs, guides) if rows else None
-
     def _start_fill(self, step: _LaunchedStep) -> None:
         """Start filling a deferred step's masks on the decoder's thread (its matchers are up to date)."""
         g = step.guided
@@ -277,14 +252,7 @@ class LLMEngine:
 
     def _launch_sampling(self, step: _LaunchedStep) -> None:
         """Enqueue a deferred step's sampling, once its masks are filled."""
-        g = step.guided
-        if g.filling is not None:
-            g.filling.result()
-            g.filling = None
-            # Samples that finished while their masks were filled: their token is discarded; allow every token.
-            for i, seq in enumerate(g.seqs):
-                if seq.guide is None:
-                    g.masks[i] = -1
+        step.guided.wait_for_masks()
         self.runner.sample(step.launched)
         step.sampling_pending = False
 
@@ -298,46 +266,16 @@ class LLMEngine:
         if following is not None and following.guided is not None:
             self._start_fill(following)
         if step.batch.num_scored:
-            self._store_scores(step.batch, *self.runner.read_scores(step.launched))
+            step.batch.store_scores(*self.runner.read_scores(step.launched))
         top = self.runner.read_top_logprobs(step.launched) if step.launched.top else None
         return self._process(step.batch, tokens, logprobs, top, refused)
 
-    def _advance_matchers(self, g: _GuidedRows, tokens: list[int]) -> set[int]:
+    def _advance_matchers(self, g: GuidedRows, tokens: list[int]) -> set[int]:
         """Advance the matchers of a collected step's constrained rows with the tokens ``_process`` will keep
         (one call into the library); returns the rows whose token the constraint refused."""
-        rows, guides, kept = [], [], []
-        for row, seq, guide in zip(g.rows, g.seqs, g.guides, strict=True):
-            # As _process: a finished sample, a discarded or unused token, an invalid token do not advance.
-            if seq.is_finished or seq.discard_pending or seq.params.max_new_tokens == 0:
-                continue
-            token = tokens[row]
-            if token == INVALID_TOKEN:
-                continue
-            rows.append(row)
-            guides.append(guide)
-            kept.append(token)
+        rows, guides, kept = g.kept_tokens(tokens)
         ok = self.guided.advance(guides, kept)
         return {row for row, a in zip(rows, ok, strict=True) if not a}
-
-    @staticmethod
-    def _store_scores(
-        batch: ScheduledBatch, logprobs: list[float], top_ids: list[list[int]], top_lps: list[list[float]]
-    ) -> None:
-        """Put a step's prompt scores in place (by position: a recomputed chunk writes the same entries)."""
-        row = 0
-        for it in batch.items:
-            p = it.num_scored
-            if not p:
-                continue
-            seq = it.seq
-            seq.prompt_logprobs[it.start : it.start + p] = logprobs[row : row + p]
-            k = seq.params.prompt_logprobs
-            if k:
-                for j in range(p):
-                    seq.prompt_top[it.start + j] = dict(
-                        zip(top_ids[row + j][:k], top_lps[row + j][:k], strict=True)
-                    )
-            row += p
 
     def _process(
         self,

@@ -46,6 +46,25 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.items)
 
+    def store_scores(
+        self, logprobs: list[float], top_ids: list[list[int]], top_lps: list[list[float]]
+    ) -> None:
+        """Put the step's prompt scores into its sequences (by position: a recomputed chunk writes the same entries)."""
+        row = 0
+        for it in self.items:
+            p = it.num_scored
+            if not p:
+                continue
+            seq = it.seq
+            seq.prompt_logprobs[it.start : it.start + p] = logprobs[row : row + p]
+            k = seq.params.prompt_logprobs
+            if k:
+                for j in range(p):
+                    seq.prompt_top[it.start + j] = dict(
+                        zip(top_ids[row + j][:k], top_lps[row + j][:k], strict=True)
+                    )
+            row += p
+
 
 class Scheduler:
     """Chooses each step's sequences and token counts, and preempts when the cache runs out.
