@@ -260,7 +260,9 @@ if triton is not None:
         cand0 = c_idx
         Z_k = tl.zeros((), tl.float32)
         if TOPKP:  # noqa: SIM102 (a compile-time and a run-time condition)
-            if use_k:
+            # The top-k candidate and set mass start the check (r = 0) and are settled by round 1; later
+            # rounds read the row's state, and rows without a top-p / min-p filter never need them here.
+            if use_k & (r < 2) & (use_p | (min_p > 0.0)):
                 kB, nB, cand0, Z_k = topk_candidate(HS, TF, TI, rows, row, S, SP, k_eff, m_s)
         if sampling & (bad == 0) & (use_p | (min_p > 0.0)):
             lo = c * CH
