@@ -61,18 +61,43 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.warm_steps):
         engine.step()
     torch.cuda.synchronize()
+    engine.pop_step_records()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
+    records = engine.pop_step_records()
     events = prof.key_averages()
     total_us = sum(e.self_device_time_total for e in events) / args.steps
     print(
         f"{args.workload} steps {args.warm_steps}..{args.warm_steps + args.steps}, attention={args.attention}, "
         f"sampler={args.sampler}, temperature={args.temperature}, top_p={args.top_p}: "
-        f"{total_us / 1000:.2f} ms of kernel time per step"
+        f"{total_us / 1000:.2f} ms of kernel time per step; per step "
+        f"{sum(r.num_seqs for r in records) / len(records):.0f} sequences, "
+        f"{sum(r.decode_tokens for r in records) / len(records):.0f} decode and "
+        f"{sum(r.prefill_tokens for r in records) / len(records):.0f} prefill tokens"
     )
-    print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+    for name, us in kernel_groups(events, args.steps).items():
+        print(f"  {name:<12} {us / 1000:7.3f} ms per step ({100 * us / max(total_us, 1e-9):4.1f}%)")
+    print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+
+
+GROUPS = (
+    ("attention", ("paged_attention", "tiled_attention", "combine_splits", "tile_table")),
+    ("sampler", ("pass1", "radix", "topk_draw", "check_round", "_final_kernel", "sampl")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "sm90", "sm80", "xmma", "cublas")),
+    ("fused", ("rms_norm", "rope", "silu")),
+)
+
+
+def kernel_groups(events, steps: int) -> dict[str, float]:
+    """Kernel time per step (us) by kind, from the kernels' names; the rest is ``other``."""
+    out = {name: 0.0 for name, _ in GROUPS} | {"other": 0.0}
+    for e in events:
+        name = e.key.lower()
+        kind = next((g for g, keys in GROUPS if any(k in name for k in keys)), "other")
+        out[kind] += e.self_device_time_total / steps
+    return out
 
 
 if __name__ == "__main__":
